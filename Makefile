@@ -1,0 +1,54 @@
+# One entry point for every routine task. `make run` and `make test` set up the
+# virtual environment in .venv/ on first use.
+PY      := .venv/bin/python
+VENV    := .venv/.installed
+DEMO    ?= demo
+PROTO   := protos/lorapool/v1/lorapool.proto
+
+.PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc clean
+
+$(VENV): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(VENV)
+
+run: $(VENV)
+	.venv/bin/lorapool serve
+
+test: $(VENV) lint proto-check
+	$(PY) -m pytest -q
+
+lint: $(VENV)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+# Regenerate the gRPC stubs (with .pyi) next to the proto, so that the generated
+# absolute imports (`lorapool.v1...`) are the package path.
+proto: $(VENV)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
+		--grpc_python_out=protos $(PROTO)
+
+# Fails when the committed stubs differ from what `make proto` produces.
+proto-check: $(VENV)
+	rm -rf .cache/proto && mkdir -p .cache/proto
+	$(PY) -m grpc_tools.protoc -I protos --python_out=.cache/proto --pyi_out=.cache/proto \
+		--grpc_python_out=.cache/proto $(PROTO)
+	for f in lorapool_pb2.py lorapool_pb2.pyi lorapool_pb2_grpc.py; do \
+		cmp -s .cache/proto/lorapool/v1/$$f protos/lorapool/v1/$$f || \
+		{ echo "stale gRPC stub $$f: run 'make proto'"; exit 1; }; done
+
+demo: $(VENV)
+	.venv/bin/lorapool make-demo $(DEMO)/tiny --preset tiny --adapters 8
+
+bench-engine: $(VENV)
+	$(PY) benchmarks/bench_engine.py
+
+bench-engine-trace: $(VENV)
+	$(PY) benchmarks/bench_trace.py
+
+bench-grpc: $(VENV)
+	$(PY) benchmarks/bench_grpc.py
+
+clean:
+	rm -rf .cache build *.egg-info
