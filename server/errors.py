@@ -1,0 +1,58 @@
+"""Typed errors of the engine. Each carries the gRPC status it maps to, so the
+service layer has one place to translate them and messages say what to fix."""
+
+from __future__ import annotations
+
+
+class LoraPoolError(Exception):
+    """Base class. `status` names a grpc.StatusCode member; `reason` is a stable
+    machine-readable string sent in the rich error details."""
+
+    status = "INTERNAL"
+    reason = "INTERNAL"
+
+
+class InvalidRequest(LoraPoolError):
+    status = "INVALID_ARGUMENT"
+    reason = "INVALID_REQUEST"
+
+
+class AdapterNotFound(LoraPoolError):
+    status = "NOT_FOUND"
+    reason = "ADAPTER_NOT_FOUND"
+
+
+class AdapterIncompatible(LoraPoolError):
+    """The adapter exists but cannot be served on this base model (shape, target
+    module, unsupported PEFT feature, unsafe file format)."""
+
+    status = "FAILED_PRECONDITION"
+    reason = "ADAPTER_INCOMPATIBLE"
+
+
+class AdapterTooLarge(AdapterIncompatible):
+    """The adapter needs more pages than the pool can ever give it."""
+
+    reason = "ADAPTER_TOO_LARGE"
+
+
+class SourceUnavailable(LoraPoolError):
+    """An adapter source (hub, registry) could not be reached."""
+
+    status = "UNAVAILABLE"
+    reason = "SOURCE_UNAVAILABLE"
+
+
+class QueueFull(LoraPoolError):
+    status = "RESOURCE_EXHAUSTED"
+    reason = "QUEUE_FULL"
+
+
+class Draining(LoraPoolError):
+    status = "UNAVAILABLE"
+    reason = "DRAINING"
+
+
+class RequestAborted(LoraPoolError):
+    status = "CANCELLED"
+    reason = "CANCELLED"
