@@ -1,0 +1,162 @@
+"""Read a PEFT LoRA adapter directory into host memory and check it against the
+base model. Only what lorapool computes exactly is accepted; every other PEFT
+feature is refused by name, never silently ignored."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+from lorapool.server.checkpoint import LINEAR_MODULES, ModelSpec
+from lorapool.server.errors import AdapterIncompatible, AdapterNotFound
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."
+    r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.default)?\.weight$"
+)
+
+
+@dataclass
+class AdapterWeights:
+    """An adapter in host memory, validated against the base model."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: list[str]
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (A [r,in], B [out,r])
+    content_hash: str  # xxhash of config values that matter + every tensor byte
+    nbytes: int
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def read_adapter(path: str | Path, spec: ModelSpec) -> AdapterWeights:
+    """Raise AdapterNotFound for a missing directory and AdapterIncompatible for
+    anything that cannot be served exactly on `spec`."""
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterNotFound(f"{path}: no adapter_config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterIncompatible(f"{path}/adapter_config.json is not valid JSON: {exc}") from exc
+    _check_config(path, config)
+    weights_file = path / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        if (path / "adapter_model.bin").exists():
+            raise AdapterIncompatible(
+                f"{path}: adapter_model.bin is a pickle file, which is never loaded; "
+                "convert it to adapter_model.safetensors"
+            )
+        raise AdapterIncompatible(f"{path}: no adapter_model.safetensors")
+    data = weights_file.read_bytes()
+    try:
+        tensors = load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise AdapterIncompatible(f"{weights_file}: corrupt safetensors file ({exc})") from exc
+    return _build(path, config, tensors, spec)
+
+
+def _check_config(path: Path, config: dict) -> None:
+    def refuse(feature: str, why: str) -> None:
+        raise AdapterIncompatible(f"{path}: unsupported PEFT feature {feature}: {why}")
+
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        refuse(f"peft_type={peft_type}", "only LORA adapters are served")
+    if config.get("use_dora"):
+        refuse("use_dora", "DoRA magnitude vectors are not applied")
+    if config.get("modules_to_save"):
+        refuse("modules_to_save", "full copies of base modules are not served")
+    if config.get("bias", "none") != "none":
+        refuse(f"bias={config['bias']}", "only bias='none' is supported")
+    if config.get("rank_pattern"):
+        refuse("rank_pattern", "per-module ranks are not supported")
+    if config.get("alpha_pattern"):
+        refuse("alpha_pattern", "per-module alphas are not supported")
+    if config.get("layers_to_transform") is not None:
+        refuse("layers_to_transform", "adapters must cover every layer")
+    if config.get("fan_in_fan_out"):
+        refuse("fan_in_fan_out", "weights must be stored as nn.Linear (out, in)")
+    if config.get("use_qalora") or config.get("lora_bias"):
+        refuse("lora_bias/qalora", "not supported")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "eva")):
+        # These change the base weights at init; the saved adapter is only exact
+        # against the modified base.
+        refuse(f"init_lora_weights={init}", "it modifies the base weights")
+
+
+def _build(path: Path, config: dict, tensors: dict, spec: ModelSpec) -> AdapterWeights:
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise AdapterIncompatible(
+                f"{path}: tensor {key!r} is not a LoRA A/B matrix of a supported module "
+                f"({', '.join(LINEAR_MODULES)})"
+            )
+        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= spec.num_layers:
+            raise AdapterIncompatible(
+                f"{path}: {key} targets layer {layer}, base model has {spec.num_layers} layers"
+            )
+        pairs.setdefault((layer, module), {})[which] = tensor
+    if not pairs:
+        raise AdapterIncompatible(f"{path}: adapter_model.safetensors holds no LoRA weights")
+    rank = int(config.get("r", 0))
+    if rank <= 0:
+        raise AdapterIncompatible(f"{path}: adapter_config.json has no positive rank r")
+    weights = {}
+    modules = sorted({mod for _, mod in pairs})
+    for (layer, module), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterIncompatible(f"{path}: layer {layer} {module} lacks lora_A or lora_B")
+        a, b = ab["A"], ab["B"]
+        fan_in, fan_out = spec.module_shape(module)
+        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
+            raise AdapterIncompatible(
+                f"{path}: layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B "
+                f"{tuple(b.shape)} do not fit the base model, which needs "
+                f"({rank}, {fan_in}) / ({fan_out}, {rank}) for rank {rank}"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterIncompatible(f"{path}: layer {layer} {module} holds NaN or inf")
+        weights[(layer, module)] = (a, b)
+    for module in modules:
+        missing = [i for i in range(spec.num_layers) if (i, module) not in weights]
+        if missing:
+            raise AdapterIncompatible(
+                f"{path}: {module} is adapted in some layers but not in {missing[:4]}; "
+                "adapters must cover every layer of a module they target"
+            )
+    alpha = float(config.get("lora_alpha", rank))
+    use_rslora = bool(config.get("use_rslora", False))
+    h = xxhash.xxh3_128()
+    h.update(json.dumps([rank, alpha, use_rslora]).encode())
+    nbytes = 0
+    for key in sorted(weights):
+        for t in weights[key]:
+            raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+            h.update(raw)
+            nbytes += len(raw)
+    return AdapterWeights(
+        rank=rank,
+        alpha=alpha,
+        use_rslora=use_rslora,
+        target_modules=modules,
+        weights=weights,
+        content_hash=h.hexdigest(),
+        nbytes=nbytes,
+    )

@@ -1,0 +1,100 @@
+"""The one pool: a single tensor preallocated per device at start, cut into
+fixed-size pages that hold either a KV block or a slice of an adapter.
+
+Page layout (see docs/memory.md for the measured waste):
+- A page holds `page_elems` elements of the model dtype. Its size is set by the KV
+  cache: one block of `block_size` tokens for every layer, K and V, at the model's
+  KV width (num_kv_heads * head_dim). GQA models simply have smaller pages; nothing
+  assumes the KV width equals the hidden size.
+- An adapter is packed into a flat sequence of elements (each matrix aligned to
+  ALIGN elements) and that sequence is cut into however many pages it needs. A
+  matrix may span pages; pages need not be contiguous. MLP matrices wider than the
+  hidden size are just longer runs. Waste per adapter: alignment padding plus the
+  unused tail of its last page.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .allocator import PageAllocator
+
+# Every adapter matrix starts at a multiple of ALIGN elements within its packed
+# run, so sub-rows of width gcd(ALIGN, width) never straddle a page boundary.
+ALIGN = 128
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def kv_elems(self) -> int:
+        """Elements of one KV block: layers x (K, V) x tokens x kv width."""
+        return self.num_layers * 2 * self.block_size * self.kv_width
+
+    @property
+    def page_elems(self) -> int:
+        """kv_elems rounded up to ALIGN, so adapter sub-rows stay inside pages."""
+        return -(-self.kv_elems // ALIGN) * ALIGN
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.num_layers * 2 * self.kv_width * _itemsize(dtype)
+
+
+class PagePool:
+    """Owns the pool tensor and its allocator. Callers own what pages mean."""
+
+    def __init__(self, layout: PageLayout, num_pages: int, dtype: torch.dtype, device):
+        self.layout = layout
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.page_elems = layout.page_elems
+        self.num_pages = num_pages
+        self.tensor = torch.zeros(num_pages * self.page_elems, dtype=dtype, device=self.device)
+        self.allocator = PageAllocator(num_pages)
+        # [page, layer, K|V, token-in-block, kv head, head dim]
+        self.kv = self.tensor.view(num_pages, self.page_elems)[:, : layout.kv_elems].view(
+            num_pages,
+            layout.num_layers,
+            2,
+            layout.block_size,
+            layout.num_kv_heads,
+            layout.head_dim,
+        )
+
+    @classmethod
+    def from_budget(cls, layout: PageLayout, pool_bytes: int, dtype, device) -> PagePool:
+        page_bytes = layout.page_elems * _itemsize(dtype)
+        num_pages = pool_bytes // page_bytes
+        if num_pages < 1:
+            raise ValueError(
+                f"pool budget {pool_bytes} bytes is smaller than one page ({page_bytes} bytes)"
+            )
+        return cls(layout, int(num_pages), dtype, device)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_elems * _itemsize(self.dtype)
+
+    def pages_view(self) -> torch.Tensor:
+        """[num_pages, page_elems] view for page-granular copies."""
+        return self.tensor.view(self.num_pages, self.page_elems)
+
+    def rows_view(self, width: int) -> torch.Tensor:
+        """The whole pool as rows of `width` elements (zero-copy), so that
+        embedding_bag can gather adapter sub-rows straight from the pages."""
+        return self.tensor.as_strided((self.tensor.numel() // width, width), (width, 1))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

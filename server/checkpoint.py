@@ -1,0 +1,115 @@
+"""Load a Llama-family checkpoint (Llama, Mistral, Qwen2) from a Hugging Face
+directory: config.json through transformers' config classes, weights from
+model.safetensors or shards listed in model.safetensors.index.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+# The linear modules a LoRA adapter may target, with their (in, out) widths.
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+UNSUPPORTED_ROPE = {"dynamic", "longrope"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the runner needs to know about the architecture."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position: int
+    attention_bias: bool
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    sliding_window: int | None = None
+    hf_config: object = field(default=None, compare=False, repr=False)
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of a targetable linear module."""
+        h, i = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }[module]
+
+
+def load_spec(model_dir: str | Path) -> ModelSpec:
+    config = AutoConfig.from_pretrained(str(model_dir))
+    archs = set(getattr(config, "architectures", None) or [])
+    if not archs & SUPPORTED_ARCHS:
+        raise ValueError(
+            f"{model_dir}: architecture {sorted(archs) or config.model_type} is not supported; "
+            f"supported: {sorted(SUPPORTED_ARCHS)}"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") in UNSUPPORTED_ROPE:
+        raise ValueError(f"{model_dir}: rope_type {rope['rope_type']!r} is not supported")
+    eos = config.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    use_sw = getattr(config, "use_sliding_window", True)
+    sliding = getattr(config, "sliding_window", None) if use_sw else None
+    return ModelSpec(
+        arch=sorted(archs & SUPPORTED_ARCHS)[0],
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position=config.max_position_embeddings,
+        attention_bias=bool(getattr(config, "attention_bias", False))
+        or config.model_type == "qwen2",
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        bos_token_id=config.bos_token_id,
+        eos_token_ids=eos_ids,
+        sliding_window=sliding,
+        hf_config=config,
+    )
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+        "(pickle checkpoints are not loaded)"
+    )
+
+
+def load_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors

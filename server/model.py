@@ -1,0 +1,167 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) whose KV cache lives in pool
+pages and whose linear layers add each token's own LoRA delta.
+
+Weights are plain tensors, q/k/v and gate/up fused so each layer runs few large
+matmuls; the forward pass is written out so that a reader sees every op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from .attention import AttentionMeta, paged_attention
+from .checkpoint import ModelSpec, load_spec, load_tensors
+from .lora import LoraBatch
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [q + k + v, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor
+
+
+class Model:
+    def __init__(self, spec: ModelSpec, tensors: dict[str, torch.Tensor], dtype, device):
+        self.spec = spec
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        def w(name: str) -> torch.Tensor:
+            return tensors[name].to(device=self.device, dtype=dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")
+        if spec.tie_word_embeddings or "lm_head.weight" not in tensors:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = w("lm_head.weight")
+        self.norm = w("model.norm.weight")
+        self.layers = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}."
+            attn = p + "self_attn."
+            bias = None
+            if spec.attention_bias and (attn + "q_proj.bias") in tensors:
+                bias = torch.cat([w(attn + f"{m}.bias") for m in ("q_proj", "k_proj", "v_proj")])
+            self.layers.append(
+                LayerWeights(
+                    input_norm=w(p + "input_layernorm.weight"),
+                    qkv=torch.cat(
+                        [w(attn + f"{m}.weight") for m in ("q_proj", "k_proj", "v_proj")]
+                    ),
+                    qkv_bias=bias,
+                    o=w(attn + "o_proj.weight"),
+                    post_norm=w(p + "post_attention_layernorm.weight"),
+                    gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                    down=w(p + "mlp.down_proj.weight"),
+                )
+            )
+        self.cos, self.sin = _rope_tables(spec, self.device, dtype)
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+
+    @classmethod
+    def from_pretrained(cls, model_dir, dtype=torch.float32, device="cpu") -> Model:
+        spec = load_spec(model_dir)
+        return cls(spec, load_tensors(model_dir), dtype, device)
+
+    def dense_weights(self) -> list[torch.Tensor]:
+        """Every weight matrix a token passes through: the matmul limit of a step."""
+        mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return mats + [self.lm_head]
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: torch.Tensor,
+        meta: AttentionMeta,
+        lora: LoraBatch | None,
+        logits_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """Run all tokens of a step; return float32 logits of the rows in logits_index.
+
+        kv: the pool's KV view [page, layer, K|V, slot, kv head, head dim]; the new
+        tokens' K and V are written at meta.slot_pages / meta.slot_offsets."""
+        spec = self.spec
+        t = input_ids.numel()
+        x = self.embed.index_select(0, input_ids)
+        cos = self.cos.index_select(0, positions).unsqueeze(1)
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        qs, ks = self.q_size, self.kv_size
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, spec.rms_norm_eps)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            if lora is not None:
+                lora.apply(i, "q_proj", h, qkv[:, :qs])
+                lora.apply(i, "k_proj", h, qkv[:, qs : qs + ks])
+                lora.apply(i, "v_proj", h, qkv[:, qs + ks :])
+            q = qkv[:, :qs].view(t, spec.num_heads, spec.head_dim)
+            k = qkv[:, qs : qs + ks].view(t, spec.num_kv_heads, spec.head_dim)
+            v = qkv[:, qs + ks :].view(t, spec.num_kv_heads, spec.head_dim)
+            q = _rope(q, cos, sin)
+            k = _rope(k, cos, sin)
+            k_cache, v_cache = kv[:, i, 0], kv[:, i, 1]
+            k_cache[meta.slot_pages, meta.slot_offsets] = k
+            v_cache[meta.slot_pages, meta.slot_offsets] = v
+            attn = paged_attention(q, k_cache, v_cache, meta).reshape(t, qs)
+            o = F.linear(attn, layer.o)
+            if lora is not None:
+                lora.apply(i, "o_proj", attn, o)
+            x = x + o
+            h = _rms_norm(x, layer.post_norm, spec.rms_norm_eps)
+            gu = F.linear(h, layer.gate_up)
+            inter = spec.intermediate_size
+            if lora is not None:
+                lora.apply(i, "gate_proj", h, gu[:, :inter])
+                lora.apply(i, "up_proj", h, gu[:, inter:])
+            act = F.silu(gu[:, :inter]) * gu[:, inter:]
+            d = F.linear(act, layer.down)
+            if lora is not None:
+                lora.apply(i, "down_proj", act, d)
+            x = x + d
+        x = x.index_select(0, logits_index)
+        x = _rms_norm(x, self.norm, spec.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _rope_tables(spec: ModelSpec, device, dtype):
+    """cos/sin for every position, computed as transformers does (incl. llama3,
+    linear and yarn scaling through its ROPE_INIT_FUNCTIONS)."""
+    config = spec.hf_config
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        base = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        dim = spec.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        scaling = 1.0
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    pos = torch.arange(spec.max_position, dtype=torch.float)
+    freqs = torch.outer(pos, inv_freq.float())
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (
+        (emb.cos() * scaling).to(device=device, dtype=dtype),
+        (emb.sin() * scaling).to(device=device, dtype=dtype),
+    )

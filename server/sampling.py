@@ -1,0 +1,71 @@
+"""Choose the next token of each sequence from its logits row.
+
+Every row is processed with its own parameters; a seeded row draws only from its
+own torch.Generator, so its tokens do not depend on what else shares the batch."""
+
+from __future__ import annotations
+
+import torch
+
+from .types import TokenLogprob
+
+_shared = torch.Generator()
+_shared.seed()
+
+
+def sample(logits: torch.Tensor, seqs) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: float32 [rows, vocab] on any device; seqs: the matching Sequences."""
+    logits = logits.float().cpu()
+    greedy = [
+        i
+        for i, s in enumerate(seqs)
+        if s.params.temperature == 0 and s.params.repetition_penalty == 1
+    ]
+    tokens = [0] * len(seqs)
+    if greedy:
+        picked = logits[greedy].argmax(-1).tolist()
+        for i, t in zip(greedy, picked, strict=True):
+            tokens[i] = t
+    done = set(greedy)
+    for i, seq in enumerate(seqs):
+        if i not in done:
+            tokens[i] = _sample_row(logits[i], seq)
+    logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+    for i, seq in enumerate(seqs):
+        if seq.params.logprobs:
+            logprobs[i] = _logprobs(logits[i], tokens[i], seq.params.logprobs)
+    return tokens, logprobs
+
+
+def _sample_row(row: torch.Tensor, seq) -> int:
+    p = seq.params
+    row = row.clone()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.long)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.temperature == 0:
+        return int(row.argmax())
+    row = row / p.temperature
+    if p.top_k and p.top_k < row.numel():
+        kth = torch.topk(row, p.top_k).values[-1]
+        row[row < kth] = float("-inf")
+    probs = torch.softmax(row, -1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cum = sorted_p.cumsum(0)
+        drop = cum - sorted_p > p.top_p  # keep the smallest set reaching top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    gen = seq.generator or _shared
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _logprobs(row: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    lp = torch.log_softmax(row, -1)
+    values, ids = lp.topk(min(top, lp.numel()))
+    return TokenLogprob(
+        token_id=token,
+        logprob=float(lp[token]),
+        top=list(zip(ids.tolist(), values.tolist(), strict=True)),
+    )
