@@ -41,6 +41,7 @@ class Sequence:
         self.first_token_at: float | None = None
         self.waited_steps = 0  # steps spent waiting while others ran (fairness)
         self.preemptions = 0
+        self.adapter_entry = None  # AdapterEntry, None for the base model
         self.generator: torch.Generator | None = None
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(int(self.params.seed))

@@ -1,0 +1,521 @@
+"""The engine: an asyncio loop around the scheduler and the model runner.
+
+submit(request) returns an async iterator of TokenEvents. The loop schedules a
+step, runs it on one worker thread (torch releases the GIL, so streaming,
+admission and cancellation stay responsive) and turns sampled tokens into events.
+Adapter loads run on their own threads and never pause the steps."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from lorapool.memory.adapters import AdapterManager
+from lorapool.memory.kv import BlockManager
+from lorapool.memory.pool import PageLayout, PagePool
+from lorapool.memory.sources import SourceRegistry
+
+from .detok import IncrementalDetokenizer
+from .errors import AdapterNotFound, Draining, InvalidRequest, LoraPoolError, QueueFull
+from .model import Model
+from .runner import ModelRunner, ScheduledSeq
+from .scheduler import Scheduler, SchedulerConfig, StepPlan
+from .sequence import Sequence, Status
+from .types import (
+    AdapterInfo,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+    Usage,
+)
+
+log = logging.getLogger("lorapool.engine")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    model_dir: str
+    adapter_dirs: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    dtype: str = "float32"
+    pool_mib: float = 256.0
+    block_size: int = 16
+    max_batch_tokens: int = 512
+    max_running: int = 128
+    max_waiting: int = 1024  # bounded admission queue
+    max_new_tokens_limit: int = 4096
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    host_cache_mib: float = 1024.0
+    starvation_steps: int = 32
+    watermark: float = 0.02
+    enable_prefix_cache: bool = True
+    pinned: list[str] = field(default_factory=list)
+    max_logprobs: int = 20
+
+
+class _Request:
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer):
+        self.seq = seq
+        self.detok = detok
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.aborted = False
+        self.done = False
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        dtype = DTYPES.get(config.dtype)
+        if dtype is None:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        self.model = Model.from_pretrained(config.model_dir, dtype=dtype, device=config.device)
+        self.spec = self.model.spec
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+        layout = PageLayout(
+            self.spec.num_layers, config.block_size, self.spec.num_kv_heads, self.spec.head_dim
+        )
+        self.pool = PagePool.from_budget(layout, int(config.pool_mib * 2**20), dtype, config.device)
+        self.blocks = BlockManager(
+            self.pool.allocator, config.block_size, config.enable_prefix_cache
+        )
+        self.registry = SourceRegistry(config.adapter_dirs)
+        self.adapters = AdapterManager(
+            self.registry, self.pool, self.spec, int(config.host_cache_mib * 2**20)
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_batch_tokens=config.max_batch_tokens,
+                max_running=config.max_running,
+                starvation_steps=config.starvation_steps,
+                watermark=config.watermark,
+            ),
+            self.blocks,
+            self.adapters,
+        )
+        self.runner = ModelRunner(self.model, self.pool)
+        self.max_model_len = config.max_model_len or self.spec.max_position
+        self.eos_ids = set(self.spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._requests: dict[str, _Request] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="step")
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._placing_pages = 0
+        self._pin_queue: list = []
+        self.draining = False
+        self.generated_tokens = 0
+        self.steps = 0
+        self.prefix_hit_tokens = 0
+        self.step_seconds = 0.0
+        self.schedule_seconds = 0.0
+        self._recent: collections.deque = collections.deque(maxlen=256)  # (time, tokens)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._loop(), name="engine-loop")
+        for adapter_id in self.config.pinned:
+            await self.load_adapter(adapter_id, pin=True)
+
+    async def stop(self) -> None:
+        for req in list(self._requests.values()):
+            self.abort(req.seq.request_id)
+        await asyncio.sleep(0)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for req in list(self._requests.values()):
+            self._finish(req, FinishReason.CANCELLED)
+        self._executor.shutdown(wait=True)
+        self.adapters.shutdown()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop admitting, let in-flight requests finish for grace_s, then cancel."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self._requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for request_id in list(self._requests):
+            self.abort(request_id)
+        while self._requests and self._task is not None and not self._task.done():
+            await asyncio.sleep(0.01)
+
+    # -- requests -------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        req = self._admit(request)
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finish_reason != FinishReason.NONE:
+                    return
+        finally:
+            if not req.done:
+                self.abort(req.seq.request_id)
+
+    submit = generate
+
+    def abort(self, request_id: str) -> bool:
+        req = self._requests.get(request_id)
+        if req is None or req.done:
+            return False
+        req.aborted = True
+        self._wake.set()
+        return True
+
+    def _admit(self, request: GenerationRequest) -> _Request:
+        if self.draining:
+            raise Draining("the server is draining; retry on another replica")
+        if self._task is None:
+            raise Draining("the engine is not started")
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        if request.request_id in self._requests:
+            raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
+        ids = self._prompt_ids(request)
+        self._validate(request, ids)
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFull(
+                f"admission queue is full ({self.config.max_waiting} waiting); retry with backoff"
+            )
+        seq = Sequence(request, ids)
+        seq.adapter_entry = None
+        if request.adapter_id:
+            entry = self.adapters.entry(request.adapter_id)
+            seq.adapter_entry = entry
+            fut = self.adapters.ensure_host(entry)
+            if not fut.done():
+                fut.add_done_callback(lambda f, e=entry: self._on_loaded(e, f))
+            elif fut.exception() is not None:
+                raise fut.exception()
+        req = _Request(seq, IncrementalDetokenizer(self.tokenizer, request.params.stop))
+        self._requests[request.request_id] = req
+        self.scheduler.add(seq)
+        self._wake.set()
+        return req
+
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.input_ids:
+            ids = list(request.input_ids)
+            bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"input_ids {bad[:4]} are outside the vocabulary [0, {self.spec.vocab_size})"
+                )
+            return ids
+        if request.prompt:
+            return self.tokenizer(request.prompt)["input_ids"]
+        raise InvalidRequest("empty prompt: set a non-empty prompt or input_ids")
+
+    def _validate(self, request: GenerationRequest, ids: list[int]) -> None:
+        p = request.params
+        limit = self.config.max_new_tokens_limit
+        if not 1 <= p.max_new_tokens <= limit:
+            raise InvalidRequest(f"max_new_tokens must be in [1, {limit}], got {p.max_new_tokens}")
+        if p.temperature < 0 or p.temperature != p.temperature:
+            raise InvalidRequest(f"temperature must be >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
+        if p.repetition_penalty <= 0:
+            raise InvalidRequest(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+        if not 0 <= p.logprobs <= self.config.max_logprobs:
+            raise InvalidRequest(f"logprobs must be in [0, {self.config.max_logprobs}]")
+        total = len(ids) + p.max_new_tokens
+        if total > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
+                f"context of {self.max_model_len} tokens; shorten the prompt or max_new_tokens"
+            )
+        if self.blocks.blocks_for(total) > self.pool.num_pages:
+            raise InvalidRequest(
+                f"prompt + max_new_tokens ({total} tokens) can never fit the pool "
+                f"({self.pool.num_pages} pages of {self.config.block_size} tokens)"
+            )
+
+    def _on_loaded(self, entry, fut: asyncio.Future) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            if not isinstance(exc, LoraPoolError):
+                exc = AdapterNotFound(f"adapter {entry.adapter_id!r}: {exc}")
+            for req in list(self._requests.values()):
+                if req.seq.adapter_entry is entry and req.seq.status is Status.WAITING:
+                    self.scheduler.remove(req.seq)
+                    self._fail(req, exc)
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._reap_aborted()
+            await self._place_pinned(loop)
+            self._reload_evicted_host_copies()
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            t0 = time.perf_counter()
+            plan = self.scheduler.schedule()
+            for seq, exc in plan.failed:
+                self._fail(self._requests[seq.request_id], exc)
+            if not plan.batch:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.01)
+                except TimeoutError:
+                    pass
+                continue
+            self._placing_pages = sum(len(p) for _, p in plan.placements)
+            t1 = time.perf_counter()
+            try:
+                result = await loop.run_in_executor(self._executor, self._execute, plan)
+            except Exception as exc:  # a bug in a step must not take the server down
+                log.exception("step failed")
+                self._placing_pages = 0
+                for item in plan.batch:
+                    req = self._requests.get(item.seq.request_id)
+                    if req is not None:
+                        self._fail(req, LoraPoolError(f"internal error in forward step: {exc}"))
+                continue
+            t2 = time.perf_counter()
+            self._placing_pages = 0
+            self._postprocess(plan, result)
+            self.scheduler.after_step()
+            t3 = time.perf_counter()
+            self.steps += 1
+            self.step_seconds += t2 - t1
+            self.schedule_seconds += (t1 - t0) + (t3 - t2)
+            await asyncio.sleep(0)  # let streams and new requests in between steps
+
+    def _execute(self, plan: StepPlan):
+        for entry, pages in plan.placements:
+            self.adapters.place(entry, pages)
+        batch = [
+            ScheduledSeq(
+                s.seq,
+                s.num_tokens,
+                self.adapters.device[s.adapter_key].placed if s.adapter_key else None,
+            )
+            for s in plan.batch
+        ]
+        return self.runner.step(batch)
+
+    def _postprocess(self, plan: StepPlan, result) -> None:
+        now = time.monotonic()
+        for item in plan.batch:
+            seq = item.seq
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+                self.prefix_hit_tokens += seq.num_cached_prompt
+            seq.num_computed += item.num_tokens
+            self.blocks.commit(seq)
+        produced = 0
+        for seq, token, logprob in result.sampled:
+            req = self._requests.get(seq.request_id)
+            if req is None or req.aborted or req.done:
+                continue
+            produced += 1
+            seq.output_ids.append(token)
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            reason = self._finish_reason(seq, token, req)
+            cut = req.detok.find_stop() if req.detok.stop else None
+            if cut is not None:
+                reason = FinishReason.STOP
+            text = req.detok.take(final=reason != FinishReason.NONE, cut=cut)
+            event = TokenEvent(token_ids=[token], text=text, logprobs=[logprob] if logprob else [])
+            if reason != FinishReason.NONE:
+                self._finish(req, reason, event)
+            else:
+                req.queue.put_nowait(event)
+        self.generated_tokens += produced
+        self._recent.append((now, produced))
+
+    def _finish_reason(self, seq: Sequence, token: int, req: _Request) -> FinishReason:
+        p = seq.params
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if not p.ignore_eos and token in self.eos_ids:
+            return FinishReason.EOS
+        req.detok.add([token])
+        if len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return FinishReason.NONE
+
+    def _finish(self, req: _Request, reason: FinishReason, event: TokenEvent | None = None) -> None:
+        seq = req.seq
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq)
+        seq.finish_reason = reason
+        req.done = True
+        self._requests.pop(seq.request_id, None)
+        event = event or TokenEvent(token_ids=[], text="")
+        event.finish_reason = reason
+        event.usage = self._usage(seq)
+        req.queue.put_nowait(event)
+
+    def _fail(self, req: _Request, exc: Exception) -> None:
+        if req.seq.status is not Status.FINISHED:
+            self.scheduler.remove(req.seq)
+            req.seq.status = Status.FINISHED
+        req.done = True
+        self._requests.pop(req.seq.request_id, None)
+        req.queue.put_nowait(exc)
+
+    def _usage(self, seq: Sequence) -> Usage:
+        queue_ms = ((seq.first_scheduled or time.monotonic()) - seq.arrival) * 1000
+        ttft = ((seq.first_token_at - seq.arrival) * 1000) if seq.first_token_at else 0.0
+        return Usage(
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids),
+            cached_prompt_tokens=seq.num_cached_prompt,
+            queue_ms=queue_ms,
+            ttft_ms=ttft,
+        )
+
+    def _reap_aborted(self) -> None:
+        for req in [r for r in self._requests.values() if r.aborted and not r.done]:
+            self._finish(req, FinishReason.CANCELLED)
+
+    def _reload_evicted_host_copies(self) -> None:
+        """A waiting request whose adapter lost its host copy triggers a new load."""
+        for seq in self.scheduler.waiting:
+            e = seq.adapter_entry
+            if e is not None and self.adapters.state(e).name == "KNOWN":
+                fut = self.adapters.ensure_host(e)
+                if not fut.done():
+                    fut.add_done_callback(lambda f, e=e: self._on_loaded(e, f))
+
+    async def _place_pinned(self, loop) -> None:
+        while self._pin_queue:
+            entry, fut = self._pin_queue.pop(0)
+            try:
+                if self.adapters.resident(entry) is None:
+                    need = self.adapters.pages_needed(entry)
+                    if not self.scheduler._make_room(need, set(), set(), preempt=False):
+                        raise QueueFull(
+                            f"adapter {entry.adapter_id!r} needs {need} pages; the pool has no "
+                            "idle memory to give it now"
+                        )
+                    pages = self.pool.allocator.allocate(need)
+                    self._placing_pages = need
+                    try:
+                        await loop.run_in_executor(
+                            self._executor, self.adapters.place, entry, pages
+                        )
+                    finally:
+                        self._placing_pages = 0
+                fut.set_result(None)
+            except Exception as exc:
+                fut.set_exception(exc)
+
+    # -- adapters -------------------------------------------------------------------------
+    async def load_adapter(
+        self, adapter_id: str, source: str | None = None, pin: bool = False
+    ) -> AdapterInfo:
+        if not adapter_id:
+            raise InvalidRequest("adapter_id must not be empty")
+        if source:
+            old = self.adapters.entries.get(adapter_id)
+            if old is not None and old.uri != source:
+                self.adapters.unload(adapter_id)
+            self.registry.remember(adapter_id, source)
+        entry = self.adapters.entry(adapter_id, source or None)
+        await self.adapters.ensure_host(entry)
+        entry.pinned = entry.pinned or pin
+        if pin:
+            fut = asyncio.get_running_loop().create_future()
+            self._pin_queue.append((entry, fut))
+            self._wake.set()
+            await fut
+        return self.adapters.info(entry)
+
+    async def unload_adapter(self, adapter_id: str) -> None:
+        waiting = [
+            r
+            for r in self._requests.values()
+            if r.seq.adapter_id == adapter_id and r.seq.status is Status.WAITING
+        ]
+        self.adapters.unload(adapter_id)
+        for req in waiting:
+            self.scheduler.remove(req.seq)
+            self._fail(req, AdapterNotFound(f"adapter {adapter_id!r} was unloaded"))
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        infos = {e.adapter_id: self.adapters.info(e) for e in self.adapters.entries.values()}
+        for adapter_id, uri in self.registry.listable().items():
+            if adapter_id not in infos:
+                from .types import AdapterState
+
+                infos[adapter_id] = AdapterInfo(adapter_id, AdapterState.KNOWN, source=uri)
+        return [infos[k] for k in sorted(infos)]
+
+    def clear_prefix_cache(self) -> int:
+        return self.blocks.clear_cache()
+
+    # -- observability ----------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        live = [r.seq for r in self._requests.values()]
+        kv = self.blocks.live_pages(live)
+        now = time.monotonic()
+        window = [(t, n) for t, n in self._recent if now - t <= 10.0]
+        tps = 0.0
+        if len(window) > 1:
+            span = max(now - window[0][0], 1e-6)
+            tps = sum(n for _, n in window) / span
+        return EngineStats(
+            total_pages=self.pool.num_pages,
+            free_pages=self.pool.allocator.free_count,
+            kv_pages=kv,
+            cached_pages=self.blocks.cached_pages,
+            adapter_pages=self.adapters.device_pages + self._placing_pages,
+            page_bytes=self.pool.page_bytes,
+            running_requests=len(self.scheduler.running),
+            waiting_requests=len(self.scheduler.waiting),
+            tokens_per_second=tps,
+            generated_tokens=self.generated_tokens,
+            steps=self.steps,
+            adapter_loads=self.adapters.loads,
+            adapter_evictions=self.adapters.evictions,
+            preemptions=self.scheduler.preemptions,
+            prefix_cache_hit_tokens=self.prefix_hit_tokens,
+            host_cache_bytes=self.adapters.host_bytes,
+        )
+
+    def model_info(self) -> dict:
+        return {
+            "model_path": str(self.config.model_dir),
+            "architecture": self.spec.arch,
+            "vocab_size": self.spec.vocab_size,
+            "max_model_len": self.max_model_len,
+            "hidden_size": self.spec.hidden_size,
+            "num_layers": self.spec.num_layers,
+            "dtype": self.config.dtype,
+            "device": str(self.pool.device),
+            "eos_token_id": min(self.eos_ids) if self.eos_ids else -1,
+            "page_bytes": self.pool.page_bytes,
+            "total_pages": self.pool.num_pages,
+            "block_size": self.config.block_size,
+            "max_new_tokens_limit": self.config.max_new_tokens_limit,
+        }

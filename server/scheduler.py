@@ -1,0 +1,222 @@
+"""Iteration-level scheduling: every step decides which sequences compute how
+many tokens, under one token budget, and makes room in the pool.
+
+One rule for every sequence (vLLM v1 style): compute up to the difference between
+tokens known and tokens computed. A long prompt is therefore chunked by the budget
+and never stalls decoding rows for more than one step.
+
+Memory pressure, in order: drop idle prefix-cache blocks (LRU), evict idle
+adapters (LRU, never one a running sequence uses, never a pinned one), then
+preempt running sequences (lowest priority, newest first; their KV is freed and
+they recompute later with their generated tokens kept).
+
+Fairness: waiting requests are admitted round-robin across adapters (the i-th
+request of every adapter queue before the (i+1)-th of any), so one hot adapter
+cannot monopolise the batch. Bound: once its adapter is in host memory, a request
+that has waited `starvation_steps` steps is admitted before any other, preempting
+running sequences if the pool is full; it starts within starvation_steps + 1 steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lorapool.memory.adapters import AdapterEntry, AdapterManager
+from lorapool.memory.kv import BlockManager
+from lorapool.server.types import AdapterState
+
+from .sequence import Sequence, Status
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_tokens: int = 512  # token budget of one step
+    max_running: int = 128
+    starvation_steps: int = 32
+    watermark: float = 0.02  # fraction of pages kept free ahead of need
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    num_tokens: int
+    adapter_key: str  # "" for the base model
+
+
+@dataclass
+class StepPlan:
+    batch: list[Scheduled] = field(default_factory=list)
+    placements: list[tuple[AdapterEntry, object]] = field(default_factory=list)  # (entry, pages)
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, adapters: AdapterManager):
+        self.config = config
+        self.blocks = blocks
+        self.adapters = adapters
+        self.allocator = blocks.allocator
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.adapter_turn: dict[str, int] = {}  # adapter id -> step it last had a request admitted
+        self.step_no = 0
+        self.preemptions = 0
+
+    # -- queue --------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or any(self._ready(s) for s in self.waiting)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the scheduler and release everything it holds."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self._release_adapter(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        self.blocks.commit(seq)
+        self.remove(seq)
+        seq.status = Status.FINISHED
+
+    # -- one step -----------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        self.step_no += 1
+        plan = StepPlan()
+        budget = self.config.max_batch_tokens
+        scheduled: set[int] = set()
+        keep: set[str] = set()
+        for seq in sorted(self.running, key=self._running_order):
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_pending, budget)
+            if n <= 0:
+                continue
+            need = self.blocks.blocks_needed(seq, n)
+            if not self._make_room(need, scheduled | {id(seq)}, keep, preempt=True):
+                self._preempt(seq)
+                continue
+            self.blocks.allocate(seq, n)
+            plan.batch.append(Scheduled(seq, n, seq.adapter_key))
+            scheduled.add(id(seq))
+            keep.add(seq.adapter_key)
+            budget -= n
+        placing: dict[str, object] = {}
+        for seq in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.config.max_running:
+                break
+            entry = seq.adapter_entry
+            key = entry.content_hash if entry else ""
+            starving = seq.waited_steps >= self.config.starvation_steps
+            need_adapter = 0
+            if entry is not None and key not in placing and self.adapters.resident(entry) is None:
+                need_adapter = self.adapters.pages_needed(entry)
+            seq.adapter_key = key
+            self.blocks.match_prefix(seq)
+            n = min(seq.num_pending, budget)
+            need = need_adapter + self.blocks.blocks_needed(seq, n)
+            if need > self.allocator.num_pages:
+                self.blocks.free(seq)
+                plan.failed.append((seq, _too_big(seq, need, self.allocator.num_pages)))
+                self.waiting.remove(seq)
+                continue
+            if not self._make_room(need, scheduled, keep | {key}, preempt=starving):
+                self.blocks.free(seq)
+                if starving:
+                    break  # nothing overtakes a starving request
+                continue
+            if need_adapter:
+                pages = self.allocator.allocate(need_adapter)
+                placing[key] = pages
+                plan.placements.append((entry, pages))
+            self.blocks.allocate(seq, n)
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            seq.status = Status.RUNNING
+            self.adapters.acquire(key, entry)
+            self.adapter_turn[seq.adapter_id] = self.step_no
+            plan.batch.append(Scheduled(seq, n, key))
+            scheduled.add(id(seq))
+            keep.add(key)
+            budget -= n
+        for seq in self.waiting:
+            if self._ready(seq):
+                seq.waited_steps += 1
+        return plan
+
+    def after_step(self) -> None:
+        """Keep a free-page watermark by reclaiming idle memory ahead of need."""
+        target = int(self.config.watermark * self.allocator.num_pages)
+        short = target - self.allocator.free_count
+        if short > 0:
+            short -= self.blocks.evict_cached(short)
+        if short > 0:
+            self.adapters.evict_idle(short, keep=self._in_use())
+
+    # -- policy helpers -------------------------------------------------------------------
+    def _ready(self, seq: Sequence) -> bool:
+        e = seq.adapter_entry
+        return e is None or self.adapters.state(e) in (AdapterState.HOST, AdapterState.DEVICE)
+
+    def _running_order(self, seq: Sequence):
+        return (-seq.priority, seq.arrival)
+
+    def _admission_order(self) -> list[Sequence]:
+        position: dict[str, int] = {}
+        keyed = []
+        for seq in sorted(self.waiting, key=lambda s: (-s.priority, s.arrival)):
+            if not self._ready(seq):
+                continue
+            pos = position.get(seq.adapter_id, 0)
+            position[seq.adapter_id] = pos + 1
+            starving = seq.waited_steps >= self.config.starvation_steps
+            turn = self.adapter_turn.get(seq.adapter_id, -1)
+            keyed.append(((not starving, -seq.priority, pos, turn, seq.arrival), seq))
+        keyed.sort(key=lambda item: item[0])
+        return [seq for _, seq in keyed]
+
+    def _in_use(self) -> set[str]:
+        return self.adapters.in_use()
+
+    def _make_room(self, need: int, protect: set[int], keep: set[str], preempt: bool) -> bool:
+        short = need - self.allocator.free_count
+        if short <= 0:
+            return True
+        short -= self.blocks.evict_cached(short)
+        if short > 0:
+            short -= self.adapters.evict_idle(short, keep=keep | self._in_use())
+        while short > 0 and preempt:
+            victims = [s for s in self.running if id(s) not in protect]
+            if not victims:
+                return False
+            victim = min(victims, key=lambda s: (s.priority, -s.arrival))
+            before = self.allocator.free_count
+            self._preempt(victim)
+            short -= self.allocator.free_count - before
+            short -= self.blocks.evict_cached(max(short, 0))
+        return short <= 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release_adapter(seq)
+        self.blocks.free(seq)
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.append(seq)  # keeps its arrival time: it goes back near the front
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        self.adapters.release(seq.adapter_key)
+
+
+def _too_big(seq: Sequence, need: int, total: int) -> Exception:
+    from .errors import InvalidRequest
+
+    return InvalidRequest(
+        f"request {seq.request_id} needs {need} pages (prompt + max_new_tokens + adapter) but "
+        f"the whole pool holds {total}; lower max_new_tokens or the prompt length"
+    )
