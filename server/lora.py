@@ -110,7 +110,7 @@ def place_adapter(
 
     r, g = packed.rank, shrink_width(packed.rank)
     per_module: dict[str, tuple[list, list]] = {}
-    for (layer, module), (off_a, off_b) in sorted(packed.offsets.items()):
+    for (_layer, module), (off_a, off_b) in sorted(packed.offsets.items()):  # layer order
         fan_in, fan_out = spec.module_shape(module)
         h = expand_width(fan_out)
         c = torch.arange(r // g).view(-1, 1)
