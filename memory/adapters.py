@@ -75,6 +75,7 @@ class AdapterManager:
         self._executor = ThreadPoolExecutor(load_threads, thread_name_prefix="adapter-load")
         self._unload_when_idle: set[str] = set()
         self.users: dict[str, int] = {}  # content hash -> running sequences using it
+        self.on_load = None  # optional callback(seconds) per completed load, for metrics
 
     # -- lookup ---------------------------------------------------------------------
     def entry(self, adapter_id: str, uri: str | None = None) -> AdapterEntry:
@@ -131,6 +132,8 @@ class AdapterManager:
         e.target_modules = weights.target_modules
         e.load_ms = (time.perf_counter() - t0) * 1000
         self.loads += 1
+        if self.on_load is not None:
+            self.on_load(e.load_ms / 1000)
         if e.content_hash not in self.host:
             self.host[e.content_hash] = HostCopy(
                 packed, packed.flat.numel() * packed.flat.element_size()
@@ -142,7 +145,12 @@ class AdapterManager:
         path = self.registry.fetch(uri)
         weights = read_adapter(path, self.spec)
         packed = pack_adapter(
-            self.spec, weights.rank, weights.scale, weights.weights, self.pool.dtype
+            self.spec,
+            weights.rank,
+            weights.scale,
+            weights.weights,
+            self.pool.dtype,
+            self.pool.page_elems,
         )
         return weights, packed
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 import xxhash
-from lorapool.server.checkpoint import LINEAR_MODULES, ModelSpec
-from lorapool.server.errors import AdapterIncompatible, AdapterNotFound
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
+
+from lorapool.server.checkpoint import LINEAR_MODULES, ModelSpec
+from lorapool.server.errors import AdapterIncompatible, AdapterNotFound
 
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."

@@ -5,7 +5,9 @@ Page layout (see docs/memory.md for the measured waste):
 - A page holds `page_elems` elements of the model dtype. Its size is set by the KV
   cache: one block of `block_size` tokens for every layer, K and V, at the model's
   KV width (num_kv_heads * head_dim). GQA models simply have smaller pages; nothing
-  assumes the KV width equals the hidden size.
+  assumes the KV width equals the hidden size. Within a page, per layer and KV
+  head, K is stored transposed [head_dim, block] and V as [block, head_dim], so
+  decode attention reads both straight from the pages (server/attention.py).
 - An adapter is packed into a flat sequence of elements (each matrix aligned to
   ALIGN elements) and that sequence is cut into however many pages it needs. A
   matrix may span pages; pages need not be contiguous. MLP matrices wider than the
@@ -62,15 +64,12 @@ class PagePool:
         self.num_pages = num_pages
         self.tensor = torch.zeros(num_pages * self.page_elems, dtype=dtype, device=self.device)
         self.allocator = PageAllocator(num_pages)
-        # [page, layer, K|V, token-in-block, kv head, head dim]
-        self.kv = self.tensor.view(num_pages, self.page_elems)[:, : layout.kv_elems].view(
-            num_pages,
-            layout.num_layers,
-            2,
-            layout.block_size,
-            layout.num_kv_heads,
-            layout.head_dim,
+        L, bs, nkv, hd = layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim
+        kv = self.tensor.view(num_pages, self.page_elems)[:, : layout.kv_elems].view(
+            num_pages, L, 2, nkv, bs * hd
         )
+        self.k = kv[:, :, 0].unflatten(-1, (hd, bs))  # [page, layer, kv head, head dim, slot]
+        self.v = kv[:, :, 1].unflatten(-1, (bs, hd))  # [page, layer, kv head, slot, head dim]
 
     @classmethod
     def from_budget(cls, layout: PageLayout, pool_bytes: int, dtype, device) -> PagePool:
@@ -90,10 +89,11 @@ class PagePool:
         """[num_pages, page_elems] view for page-granular copies."""
         return self.tensor.view(self.num_pages, self.page_elems)
 
-    def rows_view(self, width: int) -> torch.Tensor:
-        """The whole pool as rows of `width` elements (zero-copy), so that
-        embedding_bag can gather adapter sub-rows straight from the pages."""
-        return self.tensor.as_strided((self.tensor.numel() // width, width), (width, 1))
+    def rows_view(self, width: int, offset: int = 0) -> torch.Tensor:
+        """The pool (from element `offset`) as rows of `width` elements, zero-copy,
+        so that embedding_bag can gather sub-rows straight from the pages."""
+        rows = (self.tensor.numel() - offset) // width
+        return self.tensor.as_strided((rows, width), (width, 1), offset)
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -1,8 +1,10 @@
 """Attention over KV blocks that live in pool pages.
 
-Decode rows (one new token each) are batched: their blocks are gathered into a
-padded [rows, heads, context, dim] tensor and masked by length. Prefill chunks run
-one sequence at a time with a causal mask offset by the tokens already cached
+Decode rows (one new token each) read K and V straight from the pages with two
+embedding_bag calls, no gather copy: a page stores K transposed per KV head
+([head_dim, block]), so q.K for one block is a q-weighted sum of K^T's rows, and
+the output is a softmax-weighted sum of V's rows. Prefill chunks run one
+sequence at a time with a causal mask offset by the tokens already cached
 (prefix-cache hits and earlier chunks)."""
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from lorapool.memory.pool import PagePool
 
 
 @dataclass
@@ -27,24 +31,32 @@ class AttentionMeta:
     slot_pages: torch.Tensor  # [tokens] page of each new token's K/V
     slot_offsets: torch.Tensor  # [tokens] slot inside that page's block
     num_decode: int = 0  # tokens [0, num_decode) are decode rows
-    block_tables: torch.Tensor | None = None  # [decode rows, max blocks]
-    decode_mask: torch.Tensor | None = None  # [decode rows, 1, 1, max blocks * block]
+    k_rows: torch.Tensor | None = (
+        None  # layer-0 rows of K^T (width block) per (row, head, block, d)
+    )
+    v_rows: torch.Tensor | None = None  # layer-0 rows of V (width head_dim) per (row, head, slot)
+    k_offsets: torch.Tensor | None = None
+    v_offsets: torch.Tensor | None = None
+    decode_bias: torch.Tensor | None = None  # [rows, heads, slots]: 0 or -inf
     prefills: list[PrefillChunk] = field(default_factory=list)
     scale: float = 1.0
 
 
 def build_meta(
+    pool: PagePool,
+    num_heads: int,
     slot_pages,
     slot_offsets,
     decode_tables: list[list[int]],
     decode_lens: list[int],
     prefills: list[tuple[int, int, int, list[int]]],
-    block_size: int,
     scale: float,
-    device,
     sliding_window: int | None = None,
 ) -> AttentionMeta:
     """Assemble the metadata on the host and move it to the device once."""
+    device = pool.device
+    lay = pool.layout
+    bs, nkv, hd = lay.block_size, lay.num_kv_heads, lay.head_dim
     meta = AttentionMeta(
         slot_pages=torch.as_tensor(slot_pages, dtype=torch.long).to(device),
         slot_offsets=torch.as_tensor(slot_offsets, dtype=torch.long).to(device),
@@ -52,17 +64,35 @@ def build_meta(
         scale=scale,
     )
     if decode_lens:
-        width = max(len(t) for t in decode_tables)
-        tables = torch.zeros(len(decode_tables), width, dtype=torch.long)
+        rows, width = len(decode_tables), max(len(t) for t in decode_tables)
+        tables = torch.zeros(rows, width, dtype=torch.long)
         for row, table in enumerate(decode_tables):
             tables[row, : len(table)] = torch.as_tensor(table, dtype=torch.long)
+        kv_head = torch.arange(num_heads) // (num_heads // nkv)
+        d = torch.arange(hd)
+        p = pool.page_elems
+        k_rows = (
+            tables.view(rows, 1, width, 1) * (p // bs)
+            + kv_head.view(1, -1, 1, 1) * hd
+            + d.view(1, 1, 1, -1)
+        )
+        slot = torch.arange(width * bs)
+        v_rows = (
+            tables[:, slot // bs].view(rows, 1, -1) * (p // hd)
+            + (nkv + kv_head).view(1, -1, 1) * bs
+            + (slot % bs).view(1, 1, -1)
+        )
         lens = torch.as_tensor(decode_lens, dtype=torch.long)
-        pos = torch.arange(width * block_size)
-        mask = pos.view(1, -1) < lens.view(-1, 1)
+        keep = slot.view(1, -1) < lens.view(-1, 1)
         if sliding_window is not None:
-            mask &= pos.view(1, -1) >= (lens - sliding_window).view(-1, 1)
-        meta.block_tables = tables.to(device)
-        meta.decode_mask = mask.view(len(decode_lens), 1, 1, -1).to(device)
+            keep &= slot.view(1, -1) >= (lens - sliding_window).view(-1, 1)
+        bias = torch.zeros(rows, 1, width * bs, dtype=pool.dtype)
+        bias.masked_fill_(~keep.view(rows, 1, -1), float("-inf"))
+        meta.k_rows = k_rows.reshape(-1).to(device)
+        meta.v_rows = v_rows.reshape(-1).to(device)
+        meta.k_offsets = (torch.arange(rows * num_heads * width) * hd).to(device)
+        meta.v_offsets = (torch.arange(rows * num_heads) * (width * bs)).to(device)
+        meta.decode_bias = bias.expand(rows, num_heads, width * bs).contiguous().to(device)
     for start, q_len, ctx_len, table in prefills:
         cached = ctx_len - q_len
         mask = None
@@ -73,48 +103,77 @@ def build_meta(
             if sliding_window is not None:
                 mask &= k_pos > q_pos - sliding_window
             mask = mask.to(device)
-        meta.prefills.append(
-            PrefillChunk(
-                start, q_len, ctx_len, torch.as_tensor(table, dtype=torch.long).to(device), mask
-            )
-        )
+        table_t = torch.as_tensor(table, dtype=torch.long).to(device)
+        meta.prefills.append(PrefillChunk(start, q_len, ctx_len, table_t, mask))
     return meta
 
 
-def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta
-) -> torch.Tensor:
-    """q: [tokens, heads, dim]; caches: [pages, block, kv heads, dim] (strided views)."""
-    out = torch.empty_like(q)
-    d = meta.num_decode
-    if d:
-        rows, width = meta.block_tables.shape
-        k = _gather(k_cache, meta.block_tables).transpose(1, 2)
-        v = _gather(v_cache, meta.block_tables).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[:d].unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=meta.scale, enable_gqa=True
-        )
-        out[:d] = o.squeeze(2)
-    for chunk in meta.prefills:
-        s, n = chunk.start, chunk.q_len
-        k = _gather(k_cache, chunk.block_table.view(1, -1))[:, : chunk.ctx_len].transpose(1, 2)
-        v = _gather(v_cache, chunk.block_table.view(1, -1))[:, : chunk.ctx_len].transpose(1, 2)
-        qc = q[s : s + n].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(
-            qc,
-            k,
-            v,
-            attn_mask=chunk.mask,
-            is_causal=chunk.mask is None,
-            scale=meta.scale,
-            enable_gqa=True,
-        )
-        out[s : s + n] = o.squeeze(0).transpose(0, 1)
-    return out
+class PagedAttention:
+    """Reads and writes one layer's K/V in the pool's pages."""
 
+    def __init__(self, pool: PagePool):
+        lay = pool.layout
+        self.pool = pool
+        # Per layer, a rows view of the pool shifted by that layer's offset inside a
+        # page, so the same row indices address every layer (no per-layer index math).
+        layer_elems = 2 * lay.num_kv_heads * lay.block_size * lay.head_dim
+        self.k_views = [
+            pool.rows_view(lay.block_size, i * layer_elems) for i in range(lay.num_layers)
+        ]
+        self.v_views = [
+            pool.rows_view(lay.head_dim, i * layer_elems) for i in range(lay.num_layers)
+        ]
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """[rows, blocks] page ids -> [rows, blocks * block, kv heads, dim]."""
-    rows, width = tables.shape
-    blocks = cache.index_select(0, tables.reshape(-1))
-    return blocks.view(rows, width * cache.shape[1], cache.shape[2], cache.shape[3])
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> None:
+        """k, v: [tokens, kv heads, head dim] of the step's new tokens."""
+        self.pool.k[:, layer][meta.slot_pages, :, :, meta.slot_offsets] = k
+        self.pool.v[:, layer][meta.slot_pages, :, meta.slot_offsets] = v
+
+    def __call__(self, layer: int, q: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
+        """q: [tokens, heads, head dim] -> attention output of the same shape."""
+        out = torch.empty_like(q)
+        d = meta.num_decode
+        if d:
+            heads, hd = q.shape[1], q.shape[2]
+            blocks = meta.k_offsets.numel() // (d * heads)
+            weights = (q[:d] * meta.scale).unsqueeze(2).expand(d, heads, blocks, hd)
+            scores = F.embedding_bag(
+                meta.k_rows,
+                self.k_views[layer],
+                meta.k_offsets,
+                mode="sum",
+                per_sample_weights=weights.reshape(-1),
+            ).view(d, heads, -1)
+            probs = torch.softmax(scores + meta.decode_bias, dim=-1)
+            out[:d] = F.embedding_bag(
+                meta.v_rows,
+                self.v_views[layer],
+                meta.v_offsets,
+                mode="sum",
+                per_sample_weights=probs.reshape(-1),
+            ).view(d, heads, hd)
+        for chunk in meta.prefills:
+            s, n = chunk.start, chunk.q_len
+            k, v = self._gather(layer, chunk)
+            qc = q[s : s + n].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(
+                qc,
+                k,
+                v,
+                attn_mask=chunk.mask,
+                is_causal=chunk.mask is None,
+                scale=meta.scale,
+                enable_gqa=True,
+            )
+            out[s : s + n] = o.squeeze(0).transpose(0, 1)
+        return out
+
+    def _gather(self, layer: int, chunk: PrefillChunk):
+        """[1, kv heads, ctx, head dim] K and V of one sequence."""
+        nb = chunk.block_table.numel()
+        kt = self.pool.k[:, layer].index_select(0, chunk.block_table)  # [nb, nkv, hd, bs]
+        vb = self.pool.v[:, layer].index_select(0, chunk.block_table)  # [nb, nkv, bs, hd]
+        nkv, hd, bs = kt.shape[1], kt.shape[2], kt.shape[3]
+        k = kt.permute(1, 0, 3, 2).reshape(nkv, nb * bs, hd)[:, : chunk.ctx_len]
+        v = vb.transpose(0, 1).reshape(nkv, nb * bs, hd)[:, : chunk.ctx_len]
+        return k.unsqueeze(0), v.unsqueeze(0)

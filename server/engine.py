@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+
 from lorapool.memory.adapters import AdapterManager
 from lorapool.memory.kv import BlockManager
 from lorapool.memory.pool import PageLayout, PagePool

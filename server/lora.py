@@ -3,17 +3,19 @@
 An adapter is packed into pages as, per (layer, module), A^T [in, r] followed by
 (scale * B)^T [r, out]; scale is alpha/r, or alpha/sqrt(r) with rslora, folded into
 B at load time. At placement we precompute, per matrix, the row indices of its
-sub-rows in a zero-copy "rows view" of the pool (see PagePool.rows_view):
+sub-rows in a zero-copy "rows view" of the pool (PagePool.rows_view):
 
 - shrink (v = x A^T) is a weighted sum of A^T's rows with x's entries as weights:
-  one embedding_bag over sub-rows of width g (a power of two dividing r);
+  one embedding_bag over sub-rows of width g = gcd(r, ALIGN);
 - expand (y += v (sB)^T) is a weighted sum of (sB)^T's rows with v's entries as
-  weights: one embedding_bag over sub-rows of width h = gcd(out, ALIGN).
+  weights: one embedding_bag over sub-rows of width h (see `site_width`).
 
 embedding_bag gathers from arbitrary pages without copying the weights, so one call
 serves every row of the batch whatever adapter it uses (Punica's BGMV, on CPU or
-GPU). Long segments of one adapter (prefill chunks) instead gather the adapter's
-two matrices once and use dense matmuls (SGMV).
+GPU). Modules that share an input form a *site* (q/k/v; gate/up; o; down): one
+shrink call per rank class and one expand call per site and layer, written into
+the fused output. Long segments of one adapter (prefill chunks) instead gather the
+adapter's matrices once and use dense matmuls (SGMV).
 """
 
 from __future__ import annotations
@@ -23,29 +25,55 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
 from lorapool.memory.pool import ALIGN, PagePool
 
 from .checkpoint import ModelSpec
 
 # Segments with at least this many tokens of one adapter use the dense path.
 DENSE_SEGMENT_TOKENS = 8
+SITES = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+SITE_OF = {m: site for site, mods in SITES.items() for m in mods}
 
 
 def shrink_width(rank: int) -> int:
-    """Largest power of two dividing rank, at most 16 (wider gathers are faster)."""
-    return math.gcd(rank, 16)
+    return math.gcd(rank, ALIGN)
 
 
-def expand_width(out_features: int) -> int:
-    return math.gcd(out_features, ALIGN)
+def site_columns(spec: ModelSpec, site: str) -> dict[str, int]:
+    """Column offset of each module inside the site's fused output."""
+    cols, pos = {}, 0
+    for m in SITES[site]:
+        cols[m] = pos
+        pos += spec.module_shape(m)[1]
+    return cols
+
+
+def site_width(spec: ModelSpec, site: str, page_elems: int) -> int:
+    """Expand sub-row width of a site: divides every output width of the site and
+    the page size, so sub-rows never straddle pages and tile the fused output."""
+    h = page_elems
+    for m in SITES[site]:
+        h = math.gcd(h, spec.module_shape(m)[1])
+    return h
 
 
 @dataclass
-class ModuleIndex:
-    """Pool row indices of one module's matrices, for every layer."""
+class SiteIndex:
+    """One adapter's indices for one site, every module it targets there."""
 
-    shrink: torch.Tensor  # [layers, (r/g) * in] rows of width g, bag-major
-    expand: torch.Tensor  # [layers, (out/h) * r] rows of width h, bag-major
+    rank: int
+    modules: list[str]
+    shrink: torch.Tensor  # [layers, bags * in]; bags = len(modules) * r/g, module-major
+    expand: torch.Tensor  # [layers, sum over modules of (out/h) * r], module-, then d-major
+    out_rows: torch.Tensor  # per expand bag: row in the [tokens * out/h, h] output view
+    v_index: torch.Tensor  # per expand index: position in this token's v (module*r + j)
+    per_module: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (shrink, expand)
 
 
 @dataclass
@@ -54,12 +82,16 @@ class PlacedAdapter:
 
     key: str  # content identity (name-independent)
     rank: int
-    modules: dict[str, ModuleIndex]
+    sites: dict[str, SiteIndex]
     pages: torch.Tensor = field(repr=False)
 
     @property
     def g(self) -> int:
         return shrink_width(self.rank)
+
+    @property
+    def modules(self) -> list[str]:
+        return [m for s in self.sites.values() for m in s.modules]
 
 
 @dataclass
@@ -76,20 +108,32 @@ class PackedAdapter:
 
 
 def pack_adapter(
-    spec: ModelSpec, rank: int, scale: float, weights: dict[tuple[int, str], tuple], dtype
+    spec: ModelSpec,
+    rank: int,
+    scale: float,
+    weights: dict[tuple[int, str], tuple],
+    dtype,
+    page_elems: int,
 ) -> PackedAdapter:
     """weights: (layer, module) -> (A [r, in], B [out, r]) as PEFT stores them."""
     chunks, offsets, pos = [], {}, 0
+
+    def put(m: torch.Tensor, align: int) -> int:
+        nonlocal pos
+        pad = -pos % align
+        if pad:
+            chunks.append(torch.zeros(pad))
+            pos += pad
+        start = pos
+        chunks.append(m)
+        pos += m.numel()
+        return start
+
     for (layer, module), (a, b) in sorted(weights.items()):
         a_t = a.t().contiguous().to(torch.float32).reshape(-1)
         b_t = (b.to(torch.float32) * scale).t().contiguous().reshape(-1)
-        offsets[(layer, module)] = (pos, pos + _aligned(a_t.numel()))
-        for m in (a_t, b_t):
-            chunks.append(m)
-            pad = _aligned(m.numel()) - m.numel()
-            if pad:
-                chunks.append(torch.zeros(pad))
-            pos += m.numel() + pad
+        h = site_width(spec, SITE_OF[module], page_elems)
+        offsets[(layer, module)] = (put(a_t, ALIGN), put(b_t, max(ALIGN, h)))
     flat = torch.cat(chunks).to(dtype)
     return PackedAdapter(flat=flat, rank=rank, offsets=offsets)
 
@@ -109,32 +153,48 @@ def place_adapter(
         return pages_t[e // p] * p + e % p
 
     r, g = packed.rank, shrink_width(packed.rank)
-    per_module: dict[str, tuple[list, list]] = {}
+    layers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for (_layer, module), (off_a, off_b) in sorted(packed.offsets.items()):  # layer order
         fan_in, fan_out = spec.module_shape(module)
-        h = expand_width(fan_out)
+        h = site_width(spec, SITE_OF[module], p)
         c = torch.arange(r // g).view(-1, 1)
         i = torch.arange(fan_in).view(1, -1)
         shrink = to_pool(off_a + i * r + c * g).reshape(-1) // g
         d = torch.arange(fan_out // h).view(-1, 1)
         j = torch.arange(r).view(1, -1)
         expand = to_pool(off_b + j * fan_out + d * h).reshape(-1) // h
-        lists = per_module.setdefault(module, ([], []))
-        lists[0].append(shrink)
-        lists[1].append(expand)
-    modules = {}
-    for module, (shrinks, expands) in per_module.items():
-        if len(shrinks) != spec.num_layers:
-            raise ValueError(f"adapter must target {module} in every layer")
-        modules[module] = ModuleIndex(
-            shrink=torch.stack(shrinks).to(pool.device),
-            expand=torch.stack(expands).to(pool.device),
+        layers.setdefault(module, []).append((shrink, expand))
+    dev = pool.device
+    sites = {}
+    for site, site_modules in SITES.items():
+        mods = [m for m in site_modules if m in layers]
+        if not mods:
+            continue
+        per_module = {}
+        for m in mods:
+            if len(layers[m]) != spec.num_layers:
+                raise ValueError(f"adapter must target {m} in every layer")
+            per_module[m] = (
+                torch.stack([s for s, _ in layers[m]]),
+                torch.stack([e for _, e in layers[m]]),
+            )
+        h = site_width(spec, site, p)
+        cols = site_columns(spec, site)
+        out_rows, v_index = [], []
+        for k, m in enumerate(mods):
+            nb = spec.module_shape(m)[1] // h
+            out_rows.append(cols[m] // h + torch.arange(nb))
+            v_index.append((k * r + torch.arange(r)).repeat(nb))
+        sites[site] = SiteIndex(
+            rank=r,
+            modules=mods,
+            shrink=torch.cat([per_module[m][0] for m in mods], dim=1).to(dev),
+            expand=torch.cat([per_module[m][1] for m in mods], dim=1).to(dev),
+            out_rows=torch.cat(out_rows),
+            v_index=torch.cat(v_index),
+            per_module={m: (s.to(dev), e.to(dev)) for m, (s, e) in per_module.items()},
         )
-    return PlacedAdapter(key=key, rank=r, modules=modules, pages=pages_t)
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
+    return PlacedAdapter(key=key, rank=r, sites=sites, pages=pages_t)
 
 
 @dataclass
@@ -142,97 +202,105 @@ class _Group:
     g: int
     shrink: torch.Tensor  # [layers, bags * in]
     offsets: torch.Tensor  # [bags]
-    bag_token: torch.Tensor  # [bags]
+    bag_token: torch.Tensor | None  # [bags]; None when bags are exactly the tokens 0..T-1
 
 
 @dataclass
-class _Dense:
-    start: int
-    n: int
-    adapter: PlacedAdapter
-
-
-@dataclass
-class _ModulePlan:
-    in_features: int
-    out_features: int
+class _SitePlan:
     h: int
     groups: list[_Group]
-    tokens: torch.Tensor  # output row per v-segment, in v order
-    expand: torch.Tensor  # [layers, n]
-    expand_offsets: torch.Tensor
-    v_index: torch.Tensor  # per expand index, position in the concatenated v
-    dense: list[_Dense]
+    expand: torch.Tensor | None  # [layers, indices]
+    expand_offsets: torch.Tensor | None
+    v_index: torch.Tensor | None  # per expand index, position in the concatenated v
+    out_rows: torch.Tensor | None  # per expand bag, row of the [T * width/h, h] view
+    dense: list[tuple[int, int, PlacedAdapter]]
 
 
 class LoraBatch:
     """The LoRA work of one step: built once, applied at every layer.
 
     segments: (first token, number of tokens, adapter or None) covering the step's
-    flattened tokens. The index tensors are assembled here, on the host, and moved
-    to the device in one go per tensor."""
+    flattened tokens. Index tensors are assembled on the host, vectorised, and moved
+    to the device once per tensor."""
 
-    def __init__(self, pool: PagePool, spec: ModelSpec, segments):
+    def __init__(self, pool: PagePool, spec: ModelSpec, segments, num_tokens: int):
         self.pool = pool
         self.spec = spec
-        self.plans: dict[str, _ModulePlan] = {}
-        dev = pool.device
-        for module in {m for _, _, a in segments if a is not None for m in a.modules}:
-            fan_in, fan_out = spec.module_shape(module)
-            h = expand_width(fan_out)
-            sparse = [
-                (s, n, a)
-                for s, n, a in segments
-                if a is not None and module in a.modules and n < DENSE_SEGMENT_TOKENS
-            ]
-            dense = [
-                _Dense(s, n, a)
-                for s, n, a in segments
-                if a is not None and module in a.modules and n >= DENSE_SEGMENT_TOKENS
-            ]
-            groups, tokens, expand, e_counts, v_index, v_pos = [], [], [], [], [], 0
-            for g in sorted({a.g for _, _, a in sparse}):
-                shr, bag_tok = [], []
-                for s, n, a in sparse:
-                    if a.g != g:
-                        continue
-                    idx = a.modules[module]
-                    shr.append(idx.shrink.repeat(1, n) if n > 1 else idx.shrink)
-                    toks = torch.arange(s, s + n)
-                    bag_tok.append(toks.repeat_interleave(a.rank // g))
-                    tokens.append(toks)
-                    expand.append(idx.expand.repeat(1, n) if n > 1 else idx.expand)
-                    nb = fan_out // h
-                    e_counts.append(torch.full((n * nb,), a.rank))
-                    base = v_pos + torch.arange(n).view(n, 1, 1) * a.rank
-                    v_index.append(
-                        (base + torch.arange(a.rank).view(1, 1, -1))
-                        .expand(n, nb, a.rank)
-                        .reshape(-1)
-                    )
-                    v_pos += n * a.rank
-                bag_token = torch.cat(bag_tok)
-                groups.append(
-                    _Group(
-                        g=g,
-                        shrink=torch.cat(shr, dim=1),
-                        offsets=(torch.arange(bag_token.numel()) * fan_in).to(dev),
-                        bag_token=bag_token.to(dev),
-                    )
-                )
-            if groups:
-                counts = torch.cat(e_counts)
-                plan_expand = torch.cat(expand, dim=1)
-                offsets = torch.cumsum(counts, 0) - counts
-                tokens_t = torch.cat(tokens).to(dev)
-                v_index_t = torch.cat(v_index).to(dev)
-                offsets = offsets.to(dev)
-            else:
-                plan_expand = offsets = tokens_t = v_index_t = None
-            self.plans[module] = _ModulePlan(
-                fan_in, fan_out, h, groups, tokens_t, plan_expand, offsets, v_index_t, dense
-            )
+        self.plans: dict[str, _SitePlan] = {}
         self._views: dict[int, torch.Tensor] = {}
+        present = {s for _, _, a in segments if a is not None for s in a.sites}
+        for site in SITES:
+            if site in present:
+                self.plans[site] = self._plan(site, segments, num_tokens)
+
+    def _plan(self, site: str, segments, num_tokens: int) -> _SitePlan:
+        spec, dev = self.spec, self.pool.device
+        h = site_width(spec, site, self.pool.page_elems)
+        width = sum(spec.module_shape(m)[1] for m in SITES[site])
+        fan_in = spec.module_shape(SITES[site][0])[0]
+        chunks = width // h
+        sparse, dense = [], []
+        for s, n, a in segments:
+            if a is None or site not in a.sites:
+                continue
+            (dense if n >= DENSE_SEGMENT_TOKENS else sparse).append((s, n, a))
+        groups = []
+        order = []  # (token start, n, adapter) in v order
+        for g in sorted({a.g for _, _, a in sparse}):
+            members = [(s, n, a) for s, n, a in sparse if a.g == g]
+            order.extend(members)
+            shrink = torch.cat(
+                [
+                    a.sites[site].shrink.repeat(1, n) if n > 1 else a.sites[site].shrink
+                    for _, n, a in members
+                ],
+                dim=1,
+            )
+            tokens, bags = _tokens(members), []
+            for _, n, a in members:
+                bags.extend([len(a.sites[site].modules) * a.rank // g] * n)
+            bags_t = torch.tensor(bags)
+            n_bags = int(bags_t.sum())
+            identity = n_bags == num_tokens and bool((bags_t == 1).all()) and _is_range(tokens)
+            groups.append(
+                _Group(
+                    g=g,
+                    shrink=shrink.to(dev),
+                    offsets=(torch.arange(n_bags) * fan_in).to(dev),
+                    bag_token=None if identity else tokens.repeat_interleave(bags_t).to(dev),
+                )
+            )
+        if not order:
+            return _SitePlan(h, [], None, None, None, None, dense)
+        expand = torch.cat(
+            [
+                a.sites[site].expand.repeat(1, n) if n > 1 else a.sites[site].expand
+                for _, n, a in order
+            ],
+            dim=1,
+        )
+        tokens = _tokens(order)
+        per_token = [(a.sites[site], n) for _, n, a in order]
+        v_len = torch.tensor([len(si.modules) * si.rank for si, n in per_token for _ in range(n)])
+        v_start = torch.cumsum(v_len, 0) - v_len
+        n_rows = torch.tensor([si.out_rows.numel() for si, n in per_token for _ in range(n)])
+        n_vidx = torch.tensor([si.v_index.numel() for si, n in per_token for _ in range(n)])
+        out_rows = torch.cat([si.out_rows.repeat(n) for si, n in per_token])
+        out_rows += (tokens * chunks).repeat_interleave(n_rows)
+        v_index = torch.cat([si.v_index.repeat(n) for si, n in per_token])
+        v_index += v_start.repeat_interleave(n_vidx)
+        bag_len = torch.cat(
+            [torch.full((si.out_rows.numel() * n,), si.rank) for si, n in per_token]
+        )
+        return _SitePlan(
+            h=h,
+            groups=groups,
+            expand=expand.to(dev),
+            expand_offsets=(torch.cumsum(bag_len, 0) - bag_len).to(dev),
+            v_index=v_index.to(dev),
+            out_rows=out_rows.to(dev),
+            dense=dense,
+        )
 
     def _view(self, width: int) -> torch.Tensor:
         view = self._views.get(width)
@@ -240,21 +308,22 @@ class LoraBatch:
             view = self._views[width] = self.pool.rows_view(width)
         return view
 
-    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """y[t] += scale * B A x[t] for every token t whose adapter targets module."""
-        plan = self.plans.get(module)
+    def apply(self, layer: int, site: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """y[t] += scale * B A x[t] for every module of `site` that token t's adapter
+        targets; y is the site's fused output [tokens, width] (contiguous)."""
+        plan = self.plans.get(site)
         if plan is None:
             return
         if plan.groups:
             vs = []
             for grp in plan.groups:
-                weights = x.index_select(0, grp.bag_token).reshape(-1)
+                weights = x if grp.bag_token is None else x.index_select(0, grp.bag_token)
                 v = F.embedding_bag(
                     grp.shrink[layer],
                     self._view(grp.g),
                     grp.offsets,
                     mode="sum",
-                    per_sample_weights=weights,
+                    per_sample_weights=weights.reshape(-1),
                 )
                 vs.append(v.reshape(-1))
             v = vs[0] if len(vs) == 1 else torch.cat(vs)
@@ -265,18 +334,32 @@ class LoraBatch:
                 mode="sum",
                 per_sample_weights=v.index_select(0, plan.v_index),
             )
-            y.index_add_(0, plan.tokens, delta.view(-1, plan.out_features))
-        for seg in plan.dense:
-            a_t, b_t = self.dense_weights(seg.adapter, layer, module)
-            y[seg.start : seg.start + seg.n] += (x[seg.start : seg.start + seg.n] @ a_t) @ b_t
+            y.view(-1, plan.h).index_add_(0, plan.out_rows, delta)
+        if plan.dense:
+            cols = site_columns(self.spec, site)
+            for start, n, adapter in plan.dense:
+                xs = x[start : start + n]
+                for m in adapter.sites[site].modules:
+                    a_t, b_t = self.dense_weights(adapter, layer, m)
+                    c = cols[m]
+                    y[start : start + n, c : c + b_t.shape[1]] += (xs @ a_t) @ b_t
 
     def dense_weights(self, adapter: PlacedAdapter, layer: int, module: str):
         """Gather A^T [in, r] and (sB)^T [r, out] of one matrix pair into dense tensors."""
         fan_in, fan_out = self.spec.module_shape(module)
-        r, g, h = adapter.rank, adapter.g, expand_width(fan_out)
-        idx = adapter.modules[module]
-        a = self._view(g).index_select(0, idx.shrink[layer])  # [(r/g) * in, g]
+        r, g = adapter.rank, adapter.g
+        h = site_width(self.spec, SITE_OF[module], self.pool.page_elems)
+        shrink, expand = adapter.sites[SITE_OF[module]].per_module[module]
+        a = self._view(g).index_select(0, shrink[layer])  # [(r/g) * in, g]
         a_t = a.view(r // g, fan_in, g).permute(1, 0, 2).reshape(fan_in, r)
-        b = self._view(h).index_select(0, idx.expand[layer])  # [(out/h) * r, h]
+        b = self._view(h).index_select(0, expand[layer])  # [(out/h) * r, h]
         b_t = b.view(fan_out // h, r, h).permute(1, 0, 2).reshape(r, fan_out)
         return a_t, b_t
+
+
+def _tokens(members) -> torch.Tensor:
+    return torch.cat([torch.arange(s, s + n) for s, n, _ in members])
+
+
+def _is_range(tokens: torch.Tensor) -> bool:
+    return bool((tokens == torch.arange(tokens.numel())).all())

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .attention import AttentionMeta, paged_attention
+from .attention import AttentionMeta, PagedAttention
 from .checkpoint import ModelSpec, load_spec, load_tensors
 from .lora import LoraBatch
 
@@ -82,15 +82,15 @@ class Model:
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv: torch.Tensor,
+        attention: PagedAttention,
         meta: AttentionMeta,
         lora: LoraBatch | None,
         logits_index: torch.Tensor,
     ) -> torch.Tensor:
         """Run all tokens of a step; return float32 logits of the rows in logits_index.
 
-        kv: the pool's KV view [page, layer, K|V, slot, kv head, head dim]; the new
-        tokens' K and V are written at meta.slot_pages / meta.slot_offsets."""
+        attention reads and writes the pool's KV pages; the new tokens' K and V go to
+        meta.slot_pages / meta.slot_offsets."""
         spec = self.spec
         t = input_ids.numel()
         x = self.embed.index_select(0, input_ids)
@@ -101,32 +101,27 @@ class Model:
             h = _rms_norm(x, layer.input_norm, spec.rms_norm_eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
             if lora is not None:
-                lora.apply(i, "q_proj", h, qkv[:, :qs])
-                lora.apply(i, "k_proj", h, qkv[:, qs : qs + ks])
-                lora.apply(i, "v_proj", h, qkv[:, qs + ks :])
+                lora.apply(i, "qkv", h, qkv)
             q = qkv[:, :qs].view(t, spec.num_heads, spec.head_dim)
             k = qkv[:, qs : qs + ks].view(t, spec.num_kv_heads, spec.head_dim)
             v = qkv[:, qs + ks :].view(t, spec.num_kv_heads, spec.head_dim)
             q = _rope(q, cos, sin)
             k = _rope(k, cos, sin)
-            k_cache, v_cache = kv[:, i, 0], kv[:, i, 1]
-            k_cache[meta.slot_pages, meta.slot_offsets] = k
-            v_cache[meta.slot_pages, meta.slot_offsets] = v
-            attn = paged_attention(q, k_cache, v_cache, meta).reshape(t, qs)
+            attention.write(i, k, v, meta)
+            attn = attention(i, q, meta).reshape(t, qs)
             o = F.linear(attn, layer.o)
             if lora is not None:
-                lora.apply(i, "o_proj", attn, o)
+                lora.apply(i, "o", attn, o)
             x = x + o
             h = _rms_norm(x, layer.post_norm, spec.rms_norm_eps)
             gu = F.linear(h, layer.gate_up)
             inter = spec.intermediate_size
             if lora is not None:
-                lora.apply(i, "gate_proj", h, gu[:, :inter])
-                lora.apply(i, "up_proj", h, gu[:, inter:])
+                lora.apply(i, "gate_up", h, gu)
             act = F.silu(gu[:, :inter]) * gu[:, inter:]
             d = F.linear(act, layer.down)
             if lora is not None:
-                lora.apply(i, "down_proj", act, d)
+                lora.apply(i, "down", act, d)
             x = x + d
         x = x.index_select(0, logits_index)
         x = _rms_norm(x, self.norm, spec.rms_norm_eps)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from lorapool.memory.pool import PagePool
 
-from .attention import build_meta
+from .attention import PagedAttention, build_meta
 from .lora import LoraBatch, PlacedAdapter
 from .model import Model
 from .sampling import sample
@@ -37,6 +38,8 @@ class ModelRunner:
         self.pool = pool
         self.block_size = pool.layout.block_size
         self.scale = model.spec.head_dim**-0.5
+        self.attention = PagedAttention(pool)
+        self._lora_cache: tuple | None = None  # (segments, LoraBatch) of the last step
 
     def step(self, batch: list[ScheduledSeq]) -> StepResult:
         # Decode rows (one token) first so attention batches them in one call.
@@ -73,23 +76,21 @@ class ModelRunner:
                 sampling.append(seq)
         dev = self.pool.device
         meta = build_meta(
+            self.pool,
+            self.model.spec.num_heads,
             slot_pages,
             slot_offsets,
             decode_tables,
             decode_lens,
             prefills,
-            bs,
             self.scale,
-            dev,
             self.model.spec.sliding_window,
         )
-        lora = None
-        if any(a is not None for _, _, a in segments):
-            lora = LoraBatch(self.pool, self.model.spec, segments)
+        lora = self._lora_batch(segments, len(ids))
         logits = self.model.forward(
             torch.as_tensor(ids, dtype=torch.long).to(dev),
             torch.as_tensor(positions, dtype=torch.long).to(dev),
-            self.pool.kv,
+            self.attention,
             meta,
             lora,
             torch.as_tensor(logits_rows, dtype=torch.long).to(dev),
@@ -98,3 +99,21 @@ class ModelRunner:
             return StepResult([])
         tokens, logprobs = sample(logits, sampling)
         return StepResult(list(zip(sampling, tokens, logprobs, strict=True)))
+
+    def _lora_batch(self, segments, num_tokens: int) -> LoraBatch | None:
+        """Decode steps with an unchanged batch reuse the previous step's plan."""
+        if all(a is None for _, _, a in segments):
+            return None
+        cached = self._lora_cache
+        if (
+            cached is not None
+            and len(cached[0]) == len(segments)
+            and all(
+                s1 == s2 and n1 == n2 and a1 is a2
+                for (s1, n1, a1), (s2, n2, a2) in zip(cached[0], segments, strict=True)
+            )
+        ):
+            return cached[1]
+        lora = LoraBatch(self.pool, self.model.spec, segments, num_tokens)
+        self._lora_cache = (segments, lora)
+        return lora
