@@ -46,8 +46,12 @@ class Metrics:
             registry=self.registry,
         )
         if engine is not None:
-            self.registry.register(_EngineCollector(engine))
-            engine.adapters.on_load = lambda seconds: self.load_latency.observe(seconds)
+            self.attach(engine)
+
+    def attach(self, engine) -> None:
+        """Read pool and scheduler figures from engine at every scrape."""
+        self.registry.register(_EngineCollector(engine))
+        engine.adapters.on_load = self.load_latency.observe
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         return start_http_server(port, addr=addr, registry=self.registry)
