@@ -1,0 +1,14 @@
+"""Python clients for lorapool: blocking and asyncio, typed, with errors that carry
+the gRPC status and the server's machine-readable reason."""
+
+from lorapool.client.client import AsyncLoraPoolClient, LoraPoolClient, LoraPoolClientError
+from lorapool.client.convert import Completion, ModelInfo, Tokenized
+
+__all__ = [
+    "AsyncLoraPoolClient",
+    "Completion",
+    "LoraPoolClient",
+    "LoraPoolClientError",
+    "ModelInfo",
+    "Tokenized",
+]

@@ -1,0 +1,287 @@
+"""Client subcommands of `lorapool`: generate, complete, adapters, stats.
+
+Output is for people by default (streamed text, aligned tables) and for programs
+with --json. A failed call prints one line with the status code to stderr and
+exits 1, so scripts can tell a bad request from a broken server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lorapool.client.client import DEFAULT_TARGET, LoraPoolClient, LoraPoolClientError
+from lorapool.server.types import AdapterInfo
+
+EXIT_RPC_ERROR = 1
+EXIT_USAGE = 2
+
+
+# -- flags shared with `lorapool bench` ------------------------------------------------------
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser, timeout: float = 120.0) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--target",
+        default=os.environ.get("LORAPOOL_TARGET", DEFAULT_TARGET),
+        help="server address host:port (env LORAPOOL_TARGET, default %(default)s)",
+    )
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAPOOL_API_KEY"),
+        help="sent as x-api-key and bearer token (env LORAPOOL_API_KEY)",
+    )
+    group.add_argument(
+        "--timeout", type=float, default=timeout, help="deadline per call in seconds"
+    )
+    group.add_argument("--tls", action="store_true", help="use TLS with the system roots")
+    group.add_argument("--tls-ca", metavar="PEM", help="use TLS trusting this CA bundle")
+
+
+def connection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """LoraPoolClient / AsyncLoraPoolClient keyword arguments from the flags."""
+    root = None
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            root = f.read()
+    return {
+        "api_key": args.api_key,
+        "tls": args.tls,
+        "root_certificates": root,
+        "timeout": args.timeout,
+    }
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (unset flags take the server's defaults)")
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--temperature", type=float, help="0 = greedy (the default)")
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--seed", type=int, help="reproducible sampling; 0 is a seed")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument(
+        "--stop-token-id", action="append", type=int, default=[], help="(repeatable)"
+    )
+    group.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens")
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--logprobs", type=int, help="top alternatives per token (0 = none)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the flags given, so the server's documented defaults apply to the rest."""
+    values = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": args.stop or None,
+        "stop_token_ids": args.stop_token_id or None,
+        "ignore_eos": args.ignore_eos or None,
+        "repetition_penalty": args.repetition_penalty,
+        "logprobs": args.logprobs,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def parse_ids(text: str) -> list[int]:
+    return [int(t) for t in text.replace(",", " ").split()]
+
+
+# -- argparse wiring -------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    add_connection_arguments(parser)
+    if name in ("generate", "complete"):
+        parser.add_argument("prompt", nargs="?", help="prompt text; '-' or omitted reads stdin")
+        parser.add_argument("--input-ids", type=parse_ids, help="token ids instead of a prompt")
+        parser.add_argument("--adapter", default="", help="adapter id (default: base model)")
+        parser.add_argument("--priority", type=int, default=0)
+        parser.add_argument("--request-id", default="")
+        add_sampling_arguments(parser)
+        what = "one JSON object per streamed message" if name == "generate" else "JSON"
+        parser.add_argument("--json", action="store_true", help=f"print {what}")
+    elif name == "adapters":
+        actions = parser.add_subparsers(dest="action", required=True)
+        actions.add_parser("list", help="every adapter the server knows")
+        load = actions.add_parser("load", help="fetch an adapter and make it servable")
+        load.add_argument("adapter_id")
+        load.add_argument(
+            "source", nargs="?", default="", help="path, file://, hf://org/repo[@rev], ..."
+        )
+        load.add_argument("--pin", action="store_true", help="keep it on the device")
+        unload = actions.add_parser("unload", help="forget an adapter and free its memory")
+        unload.add_argument("adapter_id")
+        parser.add_argument("--json", action="store_true")
+    elif name == "stats":
+        parser.add_argument("--json", action="store_true")
+    else:
+        raise ValueError(f"no client command {name!r}")
+
+
+def run(args: argparse.Namespace) -> int:
+    handlers: dict[str, Callable[[LoraPoolClient, argparse.Namespace], int]] = {
+        "generate": _generate,
+        "complete": _complete,
+        "adapters": _adapters,
+        "stats": _stats,
+    }
+    try:
+        with LoraPoolClient(args.target, **connection_kwargs(args)) as client:
+            return handlers[args.command](client, args)
+    except LoraPoolClientError as err:
+        print(f"lorapool {args.command}: {err}", file=sys.stderr)
+        return EXIT_RPC_ERROR
+    except (ValueError, OSError) as err:
+        print(f"lorapool {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- generation ------------------------------------------------------------------------------
+
+
+def _input(args: argparse.Namespace) -> dict[str, Any]:
+    if args.input_ids is not None:
+        if args.prompt is not None:
+            raise ValueError("give a prompt or --input-ids, not both")
+        return {"input_ids": args.input_ids}
+    if args.prompt is None or args.prompt == "-":
+        if sys.stdin.isatty():
+            raise ValueError("no prompt: pass one, pipe it on stdin, or use --input-ids")
+        return {"prompt": sys.stdin.read()}
+    return {"prompt": args.prompt}
+
+
+def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        **_input(args),
+        "adapter_id": args.adapter,
+        "priority": args.priority,
+        "request_id": args.request_id,
+        **sampling_kwargs(args),
+    }
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses to dicts with enums as their names."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def _generate(client: LoraPoolClient, args: argparse.Namespace) -> int:
+    out = sys.stdout
+    ends_with_newline = True
+    for event in client.generate(**_request_kwargs(args)):
+        if args.json:
+            out.write(json.dumps(to_jsonable(event)) + "\n")
+        elif event.text:
+            out.write(event.text)
+            ends_with_newline = event.text.endswith("\n")
+        out.flush()
+    if not args.json and not ends_with_newline:
+        out.write("\n")
+    return 0
+
+
+def _complete(client: LoraPoolClient, args: argparse.Namespace) -> int:
+    result = client.complete(**_request_kwargs(args))
+    if args.json:
+        print(json.dumps(to_jsonable(result)))
+    else:
+        print(result.text)
+    return 0
+
+
+# -- administration --------------------------------------------------------------------------
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    lines = [headers, *rows]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _ago(unix_s: float) -> str:
+    if not unix_s:
+        return "never"
+    return f"{max(0.0, time.time() - unix_s):.0f}s ago"
+
+
+def adapters_table(adapters: list[AdapterInfo]) -> str:
+    headers = [
+        "ADAPTER", "STATE", "RANK", "PAGES", "BYTES", "PINNED",
+        "RUNNING", "SERVED", "LAST USED", "LOAD MS", "SOURCE",
+    ]  # fmt: skip
+    rows = [
+        [
+            a.adapter_id,
+            a.state.name,
+            str(a.rank),
+            str(a.pages),
+            str(a.bytes),
+            "yes" if a.pinned else "",
+            str(a.running_requests),
+            str(a.requests_served),
+            _ago(a.last_used),
+            f"{a.load_ms:.0f}",
+            a.source,
+        ]
+        for a in adapters
+    ]
+    return _table(headers, rows)
+
+
+def _adapters(client: LoraPoolClient, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        adapters = client.list_adapters()
+    elif args.action == "load":
+        adapters = [client.load_adapter(args.adapter_id, args.source, pin=args.pin)]
+    else:
+        client.unload_adapter(args.adapter_id)
+        if args.json:
+            print(json.dumps({"adapter_id": args.adapter_id, "unloaded": True}))
+        else:
+            print(f"unloaded {args.adapter_id}")
+        return 0
+    if args.json:
+        print(json.dumps(to_jsonable(adapters if args.action == "list" else adapters[0])))
+    else:
+        print(adapters_table(adapters))
+    return 0
+
+
+def _stats(client: LoraPoolClient, args: argparse.Namespace) -> int:
+    stats = client.stats()
+    if args.json:
+        print(json.dumps(to_jsonable(stats)))
+        return 0
+    values = dataclasses.asdict(stats)
+    total = stats.total_pages or 1
+    width = max(len(k) for k in values)
+    for key, value in values.items():
+        note = ""
+        if key.endswith("_pages") and key != "total_pages":
+            note = f"  ({100.0 * value / total:.1f}%)"
+        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
+        print(f"{key.ljust(width)}  {shown}{note}")
+    return 0
