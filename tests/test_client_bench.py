@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ from lorapool.client.bench import (
     CallResult,
     histogram,
     make_trace,
+    parse_duration,
     percentile,
     prompt_ids,
     prompt_text,
@@ -639,3 +641,22 @@ def test_cli_generate_flushes_each_chunk(fake):
         assert proc.wait(10) == 0
     finally:
         proc.kill()
+
+
+# -- ghz configs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "docs" / "ghz").glob("*.json")), ids=str)
+def test_ghz_configs_match_the_proto(path):
+    from google.protobuf import json_format
+
+    config = json.loads(path.read_text())
+    service, _, method = config["call"].partition("/")
+    assert service == "lorapool.v1.LoraPoolService"
+    descriptor = pb.DESCRIPTOR.services_by_name["LoraPoolService"].methods_by_name[method]
+    assert "proto" not in config and "protoset" not in config  # served by reflection
+    assert parse_duration(config["timeout"]) >= 60  # a whole generation must fit
+    data = json.loads(re.sub(r"\{\{.*?\}\}", "0", json.dumps(config["data"])))
+    message = getattr(pb, descriptor.input_type.name)()
+    json_format.ParseDict(data, message)  # raises on a field the proto does not have
+    assert message.WhichOneof("input") is not None and message.params.ignore_eos
