@@ -193,6 +193,7 @@ class _Runner:
         self.vocab_size = vocab_size
         self.results: list[CallResult] = []
         self.in_flight = 0
+        self.timed_out = False  # stopped sending because the duration ran out
 
     def _kwargs(self, item: TraceItem) -> dict[str, Any]:
         inputs: dict[str, Any] = (
@@ -248,6 +249,7 @@ class _Runner:
         async def worker() -> None:
             for item in items:  # one shared iterator: workers take turns
                 if deadline is not None and time.perf_counter() >= deadline:
+                    self.timed_out = True
                     return
                 await self.one(item)
 
@@ -268,6 +270,7 @@ class _Runner:
         for item in items:
             at = start + item.arrival_s
             if deadline is not None and at >= deadline:
+                self.timed_out = True
                 break
             delay = at - time.perf_counter()
             if delay > 0:
@@ -341,7 +344,7 @@ async def run_bench_async(
         elapsed = time.perf_counter() - start
     finally:
         await client.close()
-    end_reason = "timeout" if deadline is not None and time.perf_counter() >= deadline else "normal"
+    end_reason = "timeout" if runner.timed_out else "normal"
     return BenchReport.build(target, config, runner.results, elapsed, end_reason)
 
 

@@ -541,6 +541,7 @@ def test_bench_counts_exactly_what_it_sent(fake, capsys):
     assert +seen == Counter(t.adapter_id for t in trace)
     assert data["tokens"]["ttft"]["p50"] > 0 and data["tokens"]["itl"]["p99"] is not None
     assert data["options"]["call"] == "lorapool.v1.LoraPoolService.Generate"
+    assert data["endReason"] == "normal"
 
 
 def test_bench_open_loop_and_complete(fake):
