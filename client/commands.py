@@ -123,6 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         unload = actions.add_parser("unload", help="forget an adapter and free its memory")
         unload.add_argument("adapter_id")
         parser.add_argument("--json", action="store_true")
+        for action in actions.choices.values():  # --json also after the action
+            action.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     elif name == "stats":
         parser.add_argument("--json", action="store_true")
     else:

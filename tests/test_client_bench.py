@@ -613,6 +613,8 @@ def test_cli_adapters_and_stats(fake, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["ADAPTER", "STATE", "RANK"]
     assert table[1].split()[:3] == ["adapter-000", "DEVICE", "8"]
+    assert cli.main(["adapters", *base, "list", "--json"]) == 0
+    assert [a["state"] for a in json.loads(capsys.readouterr().out)] == ["DEVICE", "KNOWN"]
     assert cli.main(["adapters", *base, "--json", "load", "x", "/tmp/x", "--pin"]) == 0
     loaded = json.loads(capsys.readouterr().out)
     assert loaded["state"] == "DEVICE" and loaded["pinned"] is True
