@@ -517,16 +517,21 @@ class BenchReport:
             "Response time histogram:",
         ]
         top = max((c for _, c, _ in self.histogram), default=0)
+        width = len(f"[{top}]")
         for mark, c, _ in self.histogram:
             bar = "∎" * (round(40 * c / top) if top else 0)
-            lines.append(f"  {mark * 1e3:10.3f} [{c}]\t|{bar}")
+            lines.append(f"  {mark * 1e3:10.3f} {f'[{c}]':<{width}}  |{bar}")
         lines += ["", "Latency distribution:"]
         lines += [f"  {p} % in {format_duration(v)}" for p, v in self.latency_distribution]
         lines += ["", "Status code distribution:"]
-        lines += [f"  [{s}]\t{n} responses" for s, n in sorted(self.status_codes.items())]
+        width = max((len(s) + 2 for s in self.status_codes), default=0)
+        for status, n in sorted(self.status_codes.items()):
+            lines.append(f"  {f'[{status}]':<{width}}  {n} responses")
         if self.errors:
             lines += ["", "Error distribution:"]
-            lines += [f"  [{n}]\t{e}" for e, n in sorted(self.errors.items(), key=lambda x: -x[1])]
+            width = max(len(str(n)) + 2 for n in self.errors.values())
+            for error, n in sorted(self.errors.items(), key=lambda x: -x[1]):
+                lines.append(f"  {f'[{n}]':<{width}}  {error}")
         source = "server-reported" if self.ttft_source == "server" else "measured on the stream"
         ttft = ", ".join(f"{k} {format_duration(v)}" for k, v in self.ttft.items())
         itl = ", ".join(f"{k} {format_duration(v)}" for k, v in self.itl.items())

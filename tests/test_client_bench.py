@@ -320,7 +320,7 @@ def test_report_text_has_ghz_sections():
         "Error distribution:", "Tokens:", "TTFT:", "ITL:",
     ):  # fmt: skip
         assert heading in text, heading
-    assert "  [OK]\t8 responses" in text and "99 % in 800.00 ms" in text
+    assert "  [OK]        8 responses" in text and "99 % in 800.00 ms" in text
 
 
 # -- conversions -----------------------------------------------------------------------------
@@ -580,7 +580,7 @@ def test_bench_text_report(fake, capsys, tmp_path):
     argv = ["bench", "--target", fake.target, "-n", "8", "--max-new-tokens", "2", "--json"]
     assert cli.main([*argv, str(out)]) == 0
     text = capsys.readouterr().out
-    assert "Summary:" in text and "Count:        8" in text and "[OK]\t8 responses" in text
+    assert "Summary:" in text and "Count:        8" in text and "[OK]  8 responses" in text
     assert json.loads(out.read_text())["count"] == 8
 
 
