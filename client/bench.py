@@ -21,6 +21,7 @@ import random
 import re
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -194,6 +195,7 @@ class _Runner:
         self.results: list[CallResult] = []
         self.in_flight = 0
         self.timed_out = False  # stopped sending because the duration ran out
+        self.run_id = uuid.uuid4().hex[:8]  # request ids must not clash with another run
 
     def _kwargs(self, item: TraceItem) -> dict[str, Any]:
         inputs: dict[str, Any] = (
@@ -204,7 +206,7 @@ class _Runner:
         return {
             **inputs,
             "adapter_id": item.adapter_id,
-            "request_id": f"bench-{item.index}",
+            "request_id": f"bench-{self.run_id}-{item.index}",
             "max_new_tokens": item.max_new_tokens,
             "ignore_eos": self.config.ignore_eos,
             "temperature": self.config.temperature,
