@@ -12,12 +12,13 @@ an adapter used by a running sequence is never evicted."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from lorapool.server.errors import AdapterNotFound, LoraPoolError
+from lorapool.server.errors import AdapterNotFound, AdapterTooLarge, LoraPoolError
 from lorapool.server.lora import PackedAdapter, PlacedAdapter, pack_adapter, place_adapter
 from lorapool.server.types import AdapterInfo, AdapterState
 
@@ -76,6 +77,11 @@ class AdapterManager:
         self._unload_when_idle: set[str] = set()
         self.users: dict[str, int] = {}  # content hash -> running sequences using it
         self.on_load = None  # optional callback(seconds) per completed load, for metrics
+        # Pages allocated for a placement that the step thread has not finished yet;
+        # `place` moves an entry from here to `device` under the lock, so stats never
+        # count an adapter twice or miss it.
+        self.reserved: dict[str, object] = {}
+        self._lock = threading.Lock()
 
     # -- lookup ---------------------------------------------------------------------
     def entry(self, adapter_id: str, uri: str | None = None) -> AdapterEntry:
@@ -125,6 +131,12 @@ class AdapterManager:
             raise
         except Exception as exc:  # a source plug-in failed in an unexpected way
             raise AdapterNotFound(f"adapter {e.adapter_id!r}: {exc}") from exc
+        need = packed.num_pages(self.pool.page_elems)
+        if need > self.pool.num_pages:
+            raise AdapterTooLarge(
+                f"adapter {e.adapter_id!r} (rank {weights.rank}) needs {need} pages but the pool "
+                f"holds {self.pool.num_pages}; start the server with a larger --pool-mib"
+            )
         if self.entries.get(e.adapter_id) is not e:  # unloaded while loading
             raise AdapterNotFound(f"adapter {e.adapter_id!r} was unloaded while loading")
         e.content_hash = weights.content_hash
@@ -171,16 +183,31 @@ class AdapterManager:
         copy = self.host[e.content_hash]
         return copy.packed.num_pages(self.pool.page_elems)
 
+    def reserve(self, key: str, pages) -> None:
+        """Pages just allocated for placing `key` at the next step."""
+        with self._lock:
+            self.reserved[key] = pages
+
+    def unreserve(self, key: str) -> None:
+        """Give back the pages of a placement that did not happen."""
+        with self._lock:
+            pages = self.reserved.pop(key, None)
+        if pages is not None:
+            self.pool.allocator.free(pages)
+
     def place(self, e: AdapterEntry, pages) -> None:
         """Copy e's packed weights into pages (run on the step thread)."""
         copy = self.host[e.content_hash]
         placed = place_adapter(self.pool, self.spec, copy.packed, pages, e.content_hash)
-        self.device[e.content_hash] = Resident(placed)
-        self._touch_host(e.content_hash)
+        with self._lock:
+            self.device[e.content_hash] = Resident(placed)
+            self.reserved.pop(e.content_hash, None)
 
     @property
     def device_pages(self) -> int:
-        return sum(r.placed.pages.numel() for r in self.device.values())
+        with self._lock:
+            placed = sum(r.placed.pages.numel() for r in self.device.values())
+            return placed + sum(len(p) for p in self.reserved.values())
 
     def pinned_keys(self) -> set[str]:
         return {e.content_hash for e in self.entries.values() if e.pinned and e.content_hash}
@@ -192,7 +219,7 @@ class AdapterManager:
         pinned = self.pinned_keys()
         idle = [
             (r.last_used, key)
-            for key, r in self.device.items()
+            for key, r in list(self.device.items())
             if key not in self.users and key not in pinned and key not in keep
         ]
         for _, key in sorted(idle):
@@ -206,12 +233,13 @@ class AdapterManager:
         pinned = self.pinned_keys()
         return sum(
             r.placed.pages.numel()
-            for key, r in self.device.items()
+            for key, r in list(self.device.items())
             if key not in self.users and key not in pinned and key not in keep
         )
 
     def _drop_device(self, key: str) -> int:
-        r = self.device.pop(key)
+        with self._lock:
+            r = self.device.pop(key)
         self.pool.allocator.free(r.placed.pages.numpy())
         return r.placed.pages.numel()
 

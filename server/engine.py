@@ -114,7 +114,6 @@ class Engine:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._placing_pages = 0
         self._pin_queue: list = []
         self.draining = False
         self.generated_tokens = 0
@@ -287,20 +286,19 @@ class Engine:
                 except TimeoutError:
                     pass
                 continue
-            self._placing_pages = sum(len(p) for _, p in plan.placements)
             t1 = time.perf_counter()
             try:
                 result = await loop.run_in_executor(self._executor, self._execute, plan)
             except Exception as exc:  # a bug in a step must not take the server down
                 log.exception("step failed")
-                self._placing_pages = 0
+                for entry, _pages in plan.placements:
+                    self.adapters.unreserve(entry.content_hash)
                 for item in plan.batch:
                     req = self._requests.get(item.seq.request_id)
                     if req is not None:
                         self._fail(req, LoraPoolError(f"internal error in forward step: {exc}"))
                 continue
             t2 = time.perf_counter()
-            self._placing_pages = 0
             self._postprocess(plan, result)
             self.scheduler.after_step()
             t3 = time.perf_counter()
@@ -420,13 +418,14 @@ class Engine:
                             "idle memory to give it now"
                         )
                     pages = self.pool.allocator.allocate(need)
-                    self._placing_pages = need
+                    self.adapters.reserve(entry.content_hash, pages)
                     try:
                         await loop.run_in_executor(
                             self._executor, self.adapters.place, entry, pages
                         )
-                    finally:
-                        self._placing_pages = 0
+                    except BaseException:
+                        self.adapters.unreserve(entry.content_hash)
+                        raise
                 fut.set_result(None)
             except Exception as exc:
                 fut.set_exception(exc)
@@ -490,7 +489,7 @@ class Engine:
             free_pages=self.pool.allocator.free_count,
             kv_pages=kv,
             cached_pages=self.blocks.cached_pages,
-            adapter_pages=self.adapters.device_pages + self._placing_pages,
+            adapter_pages=self.adapters.device_pages,
             page_bytes=self.pool.page_bytes,
             running_requests=len(self.scheduler.running),
             waiting_requests=len(self.scheduler.waiting),

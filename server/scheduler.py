@@ -13,8 +13,10 @@ they recompute later with their generated tokens kept).
 Fairness: waiting requests are admitted round-robin across adapters (the i-th
 request of every adapter queue before the (i+1)-th of any), so one hot adapter
 cannot monopolise the batch. Bound: once its adapter is in host memory, a request
-that has waited `starvation_steps` steps is admitted before any other, preempting
-running sequences if the pool is full; it starts within starvation_steps + 1 steps.
+that has waited `starvation_steps` steps and is the oldest such request is admitted
+first in the next step, preempting running sequences if the slots or the pool are
+full; so it starts within starvation_steps + k + 1 steps, k being the starving
+requests ahead of it (0 unless the server is overloaded).
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ class StepPlan:
     batch: list[Scheduled] = field(default_factory=list)
     placements: list[tuple[AdapterEntry, object]] = field(default_factory=list)  # (entry, pages)
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
+
+
+@dataclass
+class _StepState:
+    budget: int
+    scheduled: set[int] = field(default_factory=set)  # ids of sequences in this step
+    keep: set[str] = field(default_factory=set)  # adapter keys this step uses
+    placing: dict[str, object] = field(default_factory=dict)  # adapter key -> pages
 
 
 class Scheduler:
@@ -87,66 +97,74 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         self.step_no += 1
         plan = StepPlan()
-        budget = self.config.max_batch_tokens
-        scheduled: set[int] = set()
-        keep: set[str] = set()
+        step = _StepState(budget=self.config.max_batch_tokens)
+        order = self._admission_order()
+        # 1. The oldest starving request goes first and may preempt anything.
+        if order and order[0].waited_steps >= self.config.starvation_steps:
+            seq = order.pop(0)
+            while len(self.running) >= self.config.max_running:
+                self._preempt(min(self.running, key=self._victim_order))
+            self._admit(seq, plan, step, preempt=True)
+        # 2. Running sequences continue; newer ones are preempted if pages run out.
         for seq in sorted(self.running, key=self._running_order):
-            if seq.status is not Status.RUNNING:
-                continue  # preempted earlier in this loop
-            n = min(seq.num_pending, budget)
+            if seq.status is not Status.RUNNING or id(seq) in step.scheduled:
+                continue  # preempted earlier in this loop, or admitted above
+            n = min(seq.num_pending, step.budget)
             if n <= 0:
                 continue
             need = self.blocks.blocks_needed(seq, n)
-            if not self._make_room(need, scheduled | {id(seq)}, keep, preempt=True):
+            if not self._make_room(need, step.scheduled | {id(seq)}, step.keep, preempt=True):
                 self._preempt(seq)
                 continue
             self.blocks.allocate(seq, n)
-            plan.batch.append(Scheduled(seq, n, seq.adapter_key))
-            scheduled.add(id(seq))
-            keep.add(seq.adapter_key)
-            budget -= n
-        placing: dict[str, object] = {}
-        for seq in self._admission_order():
-            if budget <= 0 or len(self.running) >= self.config.max_running:
+            self._schedule(plan, step, seq, n)
+        # 3. Waiting requests join, round-robin across adapters, without preempting.
+        for seq in order:
+            if step.budget <= 0 or len(self.running) >= self.config.max_running:
                 break
-            entry = seq.adapter_entry
-            key = entry.content_hash if entry else ""
-            starving = seq.waited_steps >= self.config.starvation_steps
-            need_adapter = 0
-            if entry is not None and key not in placing and self.adapters.resident(entry) is None:
-                need_adapter = self.adapters.pages_needed(entry)
-            seq.adapter_key = key
-            self.blocks.match_prefix(seq)
-            n = min(seq.num_pending, budget)
-            need = need_adapter + self.blocks.blocks_needed(seq, n)
-            if need > self.allocator.num_pages:
-                self.blocks.free(seq)
-                plan.failed.append((seq, _too_big(seq, need, self.allocator.num_pages)))
-                self.waiting.remove(seq)
-                continue
-            if not self._make_room(need, scheduled, keep | {key}, preempt=starving):
-                self.blocks.free(seq)
-                if starving:
-                    break  # nothing overtakes a starving request
-                continue
-            if need_adapter:
-                pages = self.allocator.allocate(need_adapter)
-                placing[key] = pages
-                plan.placements.append((entry, pages))
-            self.blocks.allocate(seq, n)
-            self.waiting.remove(seq)
-            self.running.append(seq)
-            seq.status = Status.RUNNING
-            self.adapters.acquire(key, entry)
-            self.adapter_turn[seq.adapter_id] = self.step_no
-            plan.batch.append(Scheduled(seq, n, key))
-            scheduled.add(id(seq))
-            keep.add(key)
-            budget -= n
+            self._admit(seq, plan, step, preempt=False)
         for seq in self.waiting:
             if self._ready(seq):
                 seq.waited_steps += 1
         return plan
+
+    def _admit(self, seq: Sequence, plan: StepPlan, step: _StepState, preempt: bool) -> bool:
+        entry = seq.adapter_entry
+        key = entry.content_hash if entry else ""
+        need_adapter = 0
+        if entry is not None and key not in step.placing and self.adapters.resident(entry) is None:
+            need_adapter = self.adapters.pages_needed(entry)
+        seq.adapter_key = key
+        self.blocks.match_prefix(seq)
+        n = min(seq.num_pending, step.budget)
+        need = need_adapter + self.blocks.blocks_needed(seq, n)
+        if need > self.allocator.num_pages:
+            self.blocks.free(seq)
+            plan.failed.append((seq, _too_big(seq, need, self.allocator.num_pages)))
+            self.waiting.remove(seq)
+            return False
+        if not self._make_room(need, step.scheduled, step.keep | {key}, preempt=preempt):
+            self.blocks.free(seq)
+            return False
+        if need_adapter:
+            pages = self.allocator.allocate(need_adapter)
+            self.adapters.reserve(key, pages)
+            step.placing[key] = pages
+            plan.placements.append((entry, pages))
+        self.blocks.allocate(seq, n)
+        self.waiting.remove(seq)
+        self.running.append(seq)
+        seq.status = Status.RUNNING
+        self.adapters.acquire(key, entry)
+        self.adapter_turn[seq.adapter_id] = self.step_no
+        self._schedule(plan, step, seq, n)
+        return True
+
+    def _schedule(self, plan: StepPlan, step: _StepState, seq: Sequence, n: int) -> None:
+        plan.batch.append(Scheduled(seq, n, seq.adapter_key))
+        step.scheduled.add(id(seq))
+        step.keep.add(seq.adapter_key)
+        step.budget -= n
 
     def after_step(self) -> None:
         """Keep a free-page watermark by reclaiming idle memory ahead of need."""
@@ -164,6 +182,10 @@ class Scheduler:
 
     def _running_order(self, seq: Sequence):
         return (-seq.priority, seq.arrival)
+
+    def _victim_order(self, seq: Sequence):
+        """min() of this is preempted first: lowest priority, then newest."""
+        return (seq.priority, -seq.arrival)
 
     def _admission_order(self) -> list[Sequence]:
         position: dict[str, int] = {}
@@ -186,6 +208,9 @@ class Scheduler:
         short = need - self.allocator.free_count
         if short <= 0:
             return True
+        reclaimable = self.blocks.reclaimable + self.adapters.idle_pages(keep | self._in_use())
+        if not preempt and short > reclaimable:
+            return False  # do not flush caches for an admission that cannot happen
         short -= self.blocks.evict_cached(short)
         if short > 0:
             short -= self.adapters.evict_idle(short, keep=keep | self._in_use())
@@ -193,11 +218,13 @@ class Scheduler:
             victims = [s for s in self.running if id(s) not in protect]
             if not victims:
                 return False
-            victim = min(victims, key=lambda s: (s.priority, -s.arrival))
             before = self.allocator.free_count
-            self._preempt(victim)
+            self._preempt(min(victims, key=self._victim_order))
             short -= self.allocator.free_count - before
-            short -= self.blocks.evict_cached(max(short, 0))
+            if short > 0:
+                short -= self.blocks.evict_cached(short)
+            if short > 0:  # the victim's adapter may have become idle
+                short -= self.adapters.evict_idle(short, keep=keep | self._in_use())
         return short <= 0
 
     def _preempt(self, seq: Sequence) -> None:

@@ -141,11 +141,6 @@ async def test_pressure_evicts_and_preempts_yet_outputs_match_alone(make_engine)
     assert stats.free_pages == stats.total_pages, stats
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: stats() counts an adapter being placed twice (device_pages already "
-    "includes it while _placing_pages is still set for the rest of the step)",
-)
 async def test_pages_balance_at_every_moment_under_pressure(make_engine):
     engine = await make_engine(pool_pages=PRESSURE_POOL_PAGES)
     seen = []
@@ -233,19 +228,11 @@ async def test_cancel_mid_stream_frees_pages_and_spares_others(make_engine, how)
 # --------------------------------------------------------------------------- fairness
 
 
-STARVATION_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a starving request cannot displace sequences already scheduled in "
-    "the same step (protect=scheduled) nor take a max_running slot, so it waits for a hot "
-    "request to finish",
-)
-
-
 @pytest.mark.parametrize(
     "limit",
     [
-        pytest.param({"pool_mib": 8, "max_running": 2}, id="max_running", marks=STARVATION_BUG),
-        pytest.param({"pool_pages": 20}, id="pool", marks=STARVATION_BUG),
+        pytest.param({"pool_mib": 8, "max_running": 2}, id="max_running"),
+        pytest.param({"pool_pages": 20}, id="pool"),
     ],
 )
 async def test_cold_adapter_starts_within_the_starvation_bound(make_engine, limit):
@@ -406,12 +393,6 @@ async def test_two_names_for_one_adapter_share_pages_until_both_unload(make_engi
         await engine.unload_adapter("alias")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: an adapter larger than the whole pool is reported as InvalidRequest "
-    "('lower max_new_tokens or the prompt length'), and pinning it as QueueFull (retryable), "
-    "instead of AdapterTooLarge (FAILED_PRECONDITION)",
-)
 async def test_adapter_larger_than_the_pool_is_refused_as_too_large(make_engine):
     engine = await make_engine(pool_pages=40)  # adapter-016 needs 55 pages
     with pytest.raises(AdapterTooLarge) as exc:
