@@ -142,7 +142,7 @@ def _build(path: Path, config: dict, tensors: dict, spec: ModelSpec) -> AdapterW
                 f"{path}: {module} is adapted in some layers but not in {missing[:4]}; "
                 "adapters must cover every layer of a module they target"
             )
-    alpha = float(config.get("lora_alpha", rank))
+    alpha = float(config.get("lora_alpha", 8))  # PEFT's LoraConfig default
     use_rslora = bool(config.get("use_rslora", False))
     h = xxhash.xxh3_128()
     h.update(json.dumps([rank, alpha, use_rslora]).encode())
