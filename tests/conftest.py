@@ -40,3 +40,13 @@ async def make_engine(tiny_demo):
     yield factory
     for engine in engines:
         await engine.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_demo(tmp_path_factory):
+    """The tiny demo as Qwen2 (q/k/v biases, tied embeddings) with 6 adapters."""
+    from lorapool.server.demo import make_demo
+
+    return make_demo(
+        tmp_path_factory.mktemp("demo-qwen2"), preset="tiny", arch="qwen2", n_adapters=6
+    )
