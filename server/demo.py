@@ -4,14 +4,15 @@ the default server, so that nothing has to be downloaded.
 `make_demo(dir)` writes::
 
     dir/demo.json                  stamp: the parameters, written last
+    dir/.lock                      serializes concurrent writers
     dir/model/                     Hugging Face layout (config, weights, tokenizer)
     dir/adapters/adapter-000/      PEFT layout (adapter_config.json, adapter_model.safetensors)
     dir/adapters/adapter-001/ ...
 
 The weights are random but deterministic for a seed, scaled so that greedy decoding
 produces varied tokens and every adapter visibly changes the output. The adapters are
-written directly with safetensors under the key names PEFT uses, so loading them does
-not depend on PEFT at write time.
+written directly with safetensors under the key names PEFT uses, so writing them needs
+no PEFT; `peft.PeftModel.from_pretrained` loads them as its own.
 
 Heavy imports (torch, transformers, tokenizers) are deferred, so that `make-demo` on
 an up-to-date directory returns at once.
@@ -215,10 +216,21 @@ def _is_complete(paths: DemoPaths, params: dict[str, Any]) -> bool:
     weights = ["model.safetensors.index.json" if params["shard_mib"] else "model.safetensors"]
     if not all((paths.model_dir / name).is_file() for name in model_files + weights):
         return False
+    if params["shard_mib"] and not _shards_present(paths.model_dir):
+        return False
     return all(
         (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
         for d in paths.adapter_dirs
     )
+
+
+def _shards_present(model_dir: Path) -> bool:
+    try:
+        index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+        shards = set(index["weight_map"].values())
+    except (OSError, ValueError, KeyError):
+        return False
+    return all((model_dir / name).is_file() for name in shards)
 
 
 @contextlib.contextmanager
@@ -426,6 +438,8 @@ def model_config(
         pad_token_id=ids["pad"],
         dtype="float32",
     )
+    # transformers 5 writes all rope settings, rope_theta included, under
+    # "rope_parameters" in config.json (no top-level rope_theta / rope_scaling).
     if arch == "llama":
         rope = {"rope_type": "default", **(p.llama_rope_scaling or {})}
         rope["rope_theta"] = p.rope_theta
@@ -443,7 +457,8 @@ def init_weights(model: Any, seed: int) -> None:
     Untied models get unit embeddings and an lm_head of std 1/sqrt(hidden): logits
     of unit std. With tied embeddings the residual's own embedding would dominate
     the logits and repeat the input token, so embeddings are small (std 0.02) and
-    the final norm's weight restores logits of unit std.
+    the final norm's weight restores logits of unit std. Biases (Qwen2's q/k/v) get
+    std 0.1: non-zero, so that bias handling is exercised, but not dominant.
     """
     import torch
 
@@ -492,8 +507,23 @@ def write_model(
         bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]
     )
     shard = int(shard_mib * 2**20) if shard_mib else "50GB"
-    model.save_pretrained(model_dir, max_shard_size=shard)
+    with _quiet_progress():
+        model.save_pretrained(model_dir, max_shard_size=shard)
     return model_dir
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hide transformers' per-shard progress bar, which is noise for a tiny model."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------- adapters
