@@ -50,3 +50,86 @@ def tiny_qwen2_demo(tmp_path_factory):
     return make_demo(
         tmp_path_factory.mktemp("demo-qwen2"), preset="tiny", arch="qwen2", n_adapters=6
     )
+
+
+# -- gRPC servers ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on the loopback interface."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A LoraPoolServer on its own event loop in a daemon thread, so that blocking
+    clients, asyncio clients on the test's loop and subprocesses can all call it.
+    `target` is host:port; `call(coro)` runs a coroutine on the server's loop."""
+
+    def __init__(self, config):
+        import asyncio
+        import threading
+
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.call(self._create(config))
+        self.port = self.call(self.server.start(), timeout=120)
+        self.target = f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    async def _create(config):
+        from lorapool.server.app import LoraPoolServer
+
+        return LoraPoolServer(config)  # grpc.aio wants the server made on its loop
+
+    def submit(self, coro):
+        """Schedule coro on the server's loop; returns a concurrent.futures.Future."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro, timeout: float = 30.0):
+        return self.submit(coro).result(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self.server._stopped.is_set()
+
+    def close(self, grace_s: float = 1.0) -> None:
+        if self.thread.is_alive():
+            if not self.stopped:
+                self.call(self.server.stop(grace_s), timeout=grace_s + 30)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def start_server(tiny_demo):
+    """Factory: `start_server(engine={EngineConfig overrides}, **ServerConfig fields)`
+    returns a started ServerThread on the tiny demo (port 0 picks a free port);
+    every server of the module is stopped at teardown."""
+    from lorapool.server.app import ServerConfig
+    from lorapool.server.engine import EngineConfig
+
+    servers: list[ServerThread] = []
+
+    def factory(engine: dict | None = None, **server_fields) -> ServerThread:
+        engine = dict(engine or {})
+        engine.setdefault("model_dir", str(tiny_demo.model_dir))
+        engine.setdefault("adapter_dirs", [str(tiny_demo.adapters_dir)])
+        server_fields.setdefault("port", 0)
+        server_fields.setdefault("grace_s", 5.0)
+        server = ServerThread(ServerConfig(engine=EngineConfig(**engine), **server_fields))
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        server.close()
