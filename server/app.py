@@ -68,6 +68,7 @@ class LoraPoolServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
         self._stopped = asyncio.Event()
+        self._metrics_http = None  # (httpd, thread) of the /metrics endpoint
 
     async def start(self) -> int:
         """Open the port, load the model, start the engine. Returns the port."""
@@ -91,7 +92,7 @@ class LoraPoolServer:
         self.metrics.attach(self.engine)
         self.servicer.engine = self.engine
         if c.metrics_port:
-            self.metrics.serve(c.metrics_port, c.host)
+            self._metrics_http = self.metrics.serve(c.metrics_port, c.host)
             log.info("metrics on http://%s:%d/metrics", c.host, c.metrics_port)
         await self._set_serving(True)
         log.info(
@@ -123,6 +124,11 @@ class LoraPoolServer:
         await self.grpc.stop(1.0)
         if self.engine is not None:
             await self.engine.stop()
+        if self._metrics_http is not None:  # free the port for a server started after this one
+            httpd, _thread = self._metrics_http
+            self._metrics_http = None
+            await asyncio.get_running_loop().run_in_executor(None, httpd.shutdown)  # waits a poll
+            httpd.server_close()
         self._stopped.set()
 
     async def wait(self) -> None:
