@@ -80,7 +80,7 @@ class AdapterManager:
         # Pages allocated for a placement that the step thread has not finished yet;
         # `place` moves an entry from here to `device` under the lock, so stats never
         # count an adapter twice or miss it.
-        self.reserved: dict[str, object] = {}
+        self.reserved: dict[str, tuple] = {}  # key -> (pages, HostCopy)
         self._lock = threading.Lock()
 
     # -- lookup ---------------------------------------------------------------------
@@ -184,20 +184,23 @@ class AdapterManager:
         return copy.packed.num_pages(self.pool.page_elems)
 
     def reserve(self, key: str, pages) -> None:
-        """Pages just allocated for placing `key` at the next step."""
+        """Pages just allocated for placing `key` at the next step. The host copy is
+        held with them: a load finishing meanwhile may push it out of the host LRU."""
         with self._lock:
-            self.reserved[key] = pages
+            self.reserved[key] = (pages, self.host[key])
 
     def unreserve(self, key: str) -> None:
         """Give back the pages of a placement that did not happen."""
         with self._lock:
-            pages = self.reserved.pop(key, None)
-        if pages is not None:
-            self.pool.allocator.free(pages)
+            held = self.reserved.pop(key, None)
+        if held is not None:
+            self.pool.allocator.free(held[0])
 
     def place(self, e: AdapterEntry, pages) -> None:
         """Copy e's packed weights into pages (run on the step thread)."""
-        copy = self.host[e.content_hash]
+        with self._lock:
+            held = self.reserved.get(e.content_hash)
+        copy = held[1] if held is not None else self.host[e.content_hash]
         placed = place_adapter(self.pool, self.spec, copy.packed, pages, e.content_hash)
         with self._lock:
             self.device[e.content_hash] = Resident(placed)
@@ -207,7 +210,7 @@ class AdapterManager:
     def device_pages(self) -> int:
         with self._lock:
             placed = sum(r.placed.pages.numel() for r in self.device.values())
-            return placed + sum(len(p) for p in self.reserved.values())
+            return placed + sum(len(pages) for pages, _ in self.reserved.values())
 
     def pinned_keys(self) -> set[str]:
         return {e.content_hash for e in self.entries.values() if e.pinned and e.content_hash}

@@ -97,7 +97,10 @@ class PageAllocator:
         return self._refs[self._checked(pages)]
 
     def _checked(self, pages) -> np.ndarray:
-        arr = np.asarray(pages, dtype=np.int64).reshape(-1)
+        raw = np.asarray(pages.cpu() if hasattr(pages, "cpu") else pages).reshape(-1)
+        if raw.size and raw.dtype.kind not in "iu":
+            raise ForeignPage(f"page ids must be integers, got {raw.dtype}")
+        arr = raw.astype(np.int64)
         if arr.size and (arr.min() < 0 or arr.max() >= self.num_pages):
             bad = arr[(arr < 0) | (arr >= self.num_pages)]
             raise ForeignPage(f"page ids {bad[:8].tolist()} not in pool of {self.num_pages}")

@@ -90,6 +90,15 @@ def _check_config(path: Path, config: dict) -> None:
         refuse("layers_to_transform", "adapters must cover every layer")
     if config.get("fan_in_fan_out"):
         refuse("fan_in_fan_out", "weights must be stored as nn.Linear (out, in)")
+    if config.get("alora_invocation_tokens"):
+        refuse("alora_invocation_tokens", "activated LoRA applies only after its invocation tokens")
+    for key, why in (
+        ("target_parameters", "LoRA on raw parameters is not served"),
+        ("layer_replication", "replicated layers are not served"),
+        ("trainable_token_indices", "trainable token embeddings are not applied"),
+    ):
+        if config.get(key):
+            refuse(key, why)
     if config.get("use_qalora") or config.get("lora_bias"):
         refuse("lora_bias/qalora", "not supported")
     init = config.get("init_lora_weights", True)

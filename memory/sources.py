@@ -88,6 +88,8 @@ class SourceRegistry:
     def uri_for(self, adapter_id: str) -> str | None:
         if adapter_id in self.known:
             return self.known[adapter_id]
+        if Path(adapter_id).name != adapter_id or adapter_id.startswith("."):
+            return None  # a root holds plain folder names; never walk out of it
         for root in self.roots:
             if (root / adapter_id / "adapter_config.json").is_file():
                 return str(root / adapter_id)

@@ -131,6 +131,12 @@ class LoraPoolServer:
             httpd.server_close()
         self._stopped.set()
 
+    def cut_drain(self) -> None:
+        """A second signal: cancel in-flight requests instead of waiting for them."""
+        log.info("second signal: cancelling in-flight requests")
+        if self.engine is not None:
+            self.engine.cut_drain()
+
     async def wait(self) -> None:
         await self._stopped.wait()
 
@@ -143,6 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         action="append",
         default=[],
         help="directory whose subfolders are PEFT adapters, id = folder name (repeatable)",
+    )
+    parser.add_argument(
+        "--model-name", default="", help="name reported by GetModelInfo (default: the dir name)"
     )
     parser.add_argument("--host", default=env("LORAPOOL_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("LORAPOOL_PORT", "50051")))
@@ -179,6 +188,7 @@ def config_from_args(args) -> ServerConfig:
         adapters = adapters or [str(demo.adapters_dir)]
     engine = EngineConfig(
         model_dir=model,
+        model_name=args.model_name,
         adapter_dirs=adapters,
         device=args.device,
         dtype=args.dtype,
@@ -222,6 +232,8 @@ async def _serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     await stop.wait()
-    log.info("signal received: draining for up to %.0fs", config.grace_s)
+    log.info("signal received: draining for up to %.0fs (signal again to cut it)", config.grace_s)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.cut_drain)
     await server.stop()
     log.info("stopped")

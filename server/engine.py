@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -46,6 +47,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class EngineConfig:
     model_dir: str
+    model_name: str = ""  # reported by model_info; default: the checkpoint dir's name
     adapter_dirs: list[str] = field(default_factory=list)
     device: str = "cpu"
     dtype: str = "float32"
@@ -107,6 +109,11 @@ class Engine:
         )
         self.runner = ModelRunner(self.model, self.pool)
         self.max_model_len = config.max_model_len or self.spec.max_position
+        # No token spans more characters than the longest vocabulary entry, so a prompt
+        # longer than this can never fit the context: refuse it without tokenizing it
+        # on the event loop (which would stall every stream for a huge prompt).
+        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = 2 * longest * self.max_model_len
         self.eos_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -116,6 +123,7 @@ class Engine:
         self._task: asyncio.Task | None = None
         self._pin_queue: list = []
         self.draining = False
+        self._cut_drain = False
         self.generated_tokens = 0
         self.steps = 0
         self.prefix_hit_tokens = 0
@@ -150,12 +158,16 @@ class Engine:
         """Stop admitting, let in-flight requests finish for grace_s, then cancel."""
         self.draining = True
         deadline = time.monotonic() + grace_s
-        while self._requests and time.monotonic() < deadline:
+        while self._requests and time.monotonic() < deadline and not self._cut_drain:
             await asyncio.sleep(0.02)
         for request_id in list(self._requests):
             self.abort(request_id)
         while self._requests and self._task is not None and not self._task.done():
             await asyncio.sleep(0.01)
+
+    def cut_drain(self) -> None:
+        """End a drain's grace period now: in-flight requests are cancelled."""
+        self._cut_drain = True
 
     # -- requests -------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -214,6 +226,11 @@ class Engine:
         return req
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if len(request.input_ids or ()) > self.max_model_len:
+            raise InvalidRequest(
+                f"input_ids has {len(request.input_ids)} tokens; the context holds "
+                f"{self.max_model_len}"
+            )
         if request.input_ids:
             ids = list(request.input_ids)
             bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
@@ -222,6 +239,11 @@ class Engine:
                     f"input_ids {bad[:4]} are outside the vocabulary [0, {self.spec.vocab_size})"
                 )
             return ids
+        if len(request.prompt or "") > self.max_prompt_chars:
+            raise InvalidRequest(
+                f"prompt of {len(request.prompt)} characters is longer than the context of "
+                f"{self.max_model_len} tokens can hold; shorten it"
+            )
         if request.prompt:
             return self.tokenizer(request.prompt)["input_ids"]
         raise InvalidRequest("empty prompt: set a non-empty prompt or input_ids")
@@ -505,6 +527,7 @@ class Engine:
 
     def model_info(self) -> dict:
         return {
+            "model_name": self.config.model_name or Path(self.config.model_dir).name,
             "model_path": str(self.config.model_dir),
             "architecture": self.spec.arch,
             "vocab_size": self.spec.vocab_size,

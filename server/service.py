@@ -98,8 +98,17 @@ class LoraPoolServicer(pb_grpc.LoraPoolServiceServicer):
         except InvalidRequest as exc:
             await self._abort(context, exc, method, request.adapter_id)
 
+    def _label(self, adapter_id: str) -> str:
+        """Metric label for an adapter: ids no source knows share one label, so that
+        clients sending random ids cannot grow the metric series without bound."""
+        if not adapter_id:
+            return "base"
+        if adapter_id in self.engine.adapters.entries or self.engine.registry.uri_for(adapter_id):
+            return adapter_id
+        return "unknown"
+
     async def _events(self, req, context, method: str):
-        adapter = req.adapter_id or "base"
+        adapter = self._label(req.adapter_id)
         start = time.monotonic()
         last = None
         status, tokens, usage = "OK", 0, None
@@ -138,7 +147,7 @@ class LoraPoolServicer(pb_grpc.LoraPoolServiceServicer):
 
     async def _abort(self, context, exc, method, adapter_id="", request_id="", count=True):
         if count:
-            self.metrics.requests.labels(adapter_id or "base", method, exc.status).inc()
+            self.metrics.requests.labels(self._label(adapter_id), method, exc.status).inc()
         log.info(
             "rejected request_id=%s method=%s adapter=%s status=%s reason=%s msg=%s",
             request_id,

@@ -142,6 +142,15 @@ def test_foreign_page_ids_raise_and_change_nothing(bad):
     assert snapshot(alloc) == before
 
 
+def test_non_integer_page_ids_raise_and_change_nothing():
+    alloc = PageAllocator(4)
+    pages = alloc.allocate(2)
+    before = snapshot(alloc)
+    with pytest.raises(ForeignPage, match="integers"):
+        alloc.free(pages.astype(np.float64) + 0.5)  # 0.5 would truncate to a live page
+    assert snapshot(alloc) == before
+
+
 def test_sharing_a_free_page_raises_and_changes_nothing():
     alloc = PageAllocator(4)
     alloc.allocate(2)

@@ -219,22 +219,7 @@ CASES = {
 }
 
 
-# PEFT applies an activated LoRA only after its invocation tokens; the engine
-# applies it to every token, so it must refuse such an adapter, and does not yet.
-KNOWN_BUGS = {"activated lora": "alora_invocation_tokens is accepted and silently ignored"}
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(
-            name,
-            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name])]
-            if name in KNOWN_BUGS
-            else [],
-        )
-        for name in sorted(CASES)
-    ]
-)
+@pytest.fixture(params=sorted(CASES))
 def bad_case(request, tiny_demo, model_config, tmp_path):
     builder, error, words = CASES[request.param]
     d = tmp_path / "bad-adapter"

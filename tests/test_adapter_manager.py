@@ -1,0 +1,50 @@
+"""The adapter tiers outside the engine: host LRU and device placement interplay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorapool.memory.adapters import AdapterManager, AdapterState
+from lorapool.memory.pool import PageLayout, PagePool
+from lorapool.memory.sources import SourceRegistry
+from lorapool.server.checkpoint import load_spec
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_demo):
+    return load_spec(tiny_demo.model_dir)
+
+
+@pytest.fixture
+def pool(spec):
+    layout = PageLayout(spec.num_layers, 16, spec.num_kv_heads, spec.head_dim)
+    return PagePool(layout, 96, torch.float32, "cpu")
+
+
+async def test_placement_survives_host_eviction_of_its_copy(spec, pool, tiny_demo):
+    """A copy reserved for placement may leave the host LRU (another load finished
+    meanwhile) before the step thread places it; the placement must still happen."""
+    manager = AdapterManager(SourceRegistry(), pool, spec, host_cache_bytes=1)  # one copy
+    try:
+        a = manager.entry("a", str(tiny_demo.adapter_dirs[1]))
+        await manager.ensure_host(a)
+        pages = pool.allocator.allocate(manager.pages_needed(a))
+        manager.reserve(a.content_hash, pages)
+        b = manager.entry("b", str(tiny_demo.adapter_dirs[2]))
+        await manager.ensure_host(b)
+        assert a.content_hash not in manager.host, "the host LRU should have dropped a"
+        manager.place(a, pages)
+        assert manager.state(a) is AdapterState.DEVICE and not manager.reserved
+        assert manager.device_pages == len(pages)
+        assert pool.allocator.free_count == pool.num_pages - len(pages)
+    finally:
+        manager.shutdown()
+
+
+def test_adapter_roots_never_resolve_paths_outside_them(tiny_demo):
+    registry = SourceRegistry([tiny_demo.adapters_dir])
+    name = tiny_demo.adapter_dirs[0].name
+    assert registry.uri_for(name) == str(tiny_demo.adapter_dirs[0])
+    for sneaky in (f"../{tiny_demo.adapters_dir.name}/{name}", f"./{name}", "..", f"{name}/"):
+        assert registry.uri_for(sneaky) is None, sneaky
