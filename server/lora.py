@@ -20,6 +20,7 @@ adapter's matrices once and use dense matmuls (SGMV).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -85,7 +86,7 @@ class PlacedAdapter:
     sites: dict[str, SiteIndex]
     pages: torch.Tensor = field(repr=False)
 
-    @property
+    @functools.cached_property
     def g(self) -> int:
         return shrink_width(self.rank)
 
@@ -250,10 +251,7 @@ class LoraBatch:
             members = [(s, n, a) for s, n, a in sparse if a.g == g]
             order.extend(members)
             shrink = torch.cat(
-                [
-                    a.sites[site].shrink.repeat(1, n) if n > 1 else a.sites[site].shrink
-                    for _, n, a in members
-                ],
+                [_repeat(a.sites[site].shrink, n, dim=1) for _, n, a in members],
                 dim=1,
             )
             tokens, bags = _tokens(members), []
@@ -273,25 +271,21 @@ class LoraBatch:
         if not order:
             return _SitePlan(h, [], None, None, None, None, dense)
         expand = torch.cat(
-            [
-                a.sites[site].expand.repeat(1, n) if n > 1 else a.sites[site].expand
-                for _, n, a in order
-            ],
+            [_repeat(a.sites[site].expand, n, dim=1) for _, n, a in order],
             dim=1,
         )
         tokens = _tokens(order)
         per_token = [(a.sites[site], n) for _, n, a in order]
-        v_len = torch.tensor([len(si.modules) * si.rank for si, n in per_token for _ in range(n)])
+        token_sites = [si for si, n in per_token for _ in range(n)]
+        v_len = torch.tensor([len(si.modules) * si.rank for si in token_sites])
         v_start = torch.cumsum(v_len, 0) - v_len
-        n_rows = torch.tensor([si.out_rows.numel() for si, n in per_token for _ in range(n)])
-        n_vidx = torch.tensor([si.v_index.numel() for si, n in per_token for _ in range(n)])
-        out_rows = torch.cat([si.out_rows.repeat(n) for si, n in per_token])
+        n_rows = torch.tensor([si.out_rows.numel() for si in token_sites])
+        n_vidx = torch.tensor([si.v_index.numel() for si in token_sites])
+        out_rows = torch.cat([_repeat(si.out_rows, n) for si, n in per_token])
         out_rows += (tokens * chunks).repeat_interleave(n_rows)
-        v_index = torch.cat([si.v_index.repeat(n) for si, n in per_token])
+        v_index = torch.cat([_repeat(si.v_index, n) for si, n in per_token])
         v_index += v_start.repeat_interleave(n_vidx)
-        bag_len = torch.cat(
-            [torch.full((si.out_rows.numel() * n,), si.rank) for si, n in per_token]
-        )
+        bag_len = torch.tensor([si.rank for si in token_sites]).repeat_interleave(n_rows)
         return _SitePlan(
             h=h,
             groups=groups,
@@ -358,7 +352,16 @@ class LoraBatch:
 
 
 def _tokens(members) -> torch.Tensor:
-    return torch.cat([torch.arange(s, s + n) for s, n, _ in members])
+    return torch.tensor([t for s, n, _ in members for t in range(s, s + n)], dtype=torch.long)
+
+
+def _repeat(t: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
+    """t repeated n times along dim (no copy for the common n == 1: decode rows)."""
+    if n == 1:
+        return t
+    reps = [1] * t.dim()
+    reps[dim] = n
+    return t.repeat(*reps)
 
 
 def _is_range(tokens: torch.Tensor) -> bool:

@@ -97,16 +97,16 @@ class Model:
         cos = self.cos.index_select(0, positions).unsqueeze(1)
         sin = self.sin.index_select(0, positions).unsqueeze(1)
         qs, ks = self.q_size, self.kv_size
+        nh = spec.num_heads
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, spec.rms_norm_eps)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
             if lora is not None:
                 lora.apply(i, "qkv", h, qkv)
-            q = qkv[:, :qs].view(t, spec.num_heads, spec.head_dim)
-            k = qkv[:, qs : qs + ks].view(t, spec.num_kv_heads, spec.head_dim)
+            # q and k heads side by side: one rotation for both
+            qk = _rope(qkv[:, : qs + ks].view(t, -1, spec.head_dim), cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, qs + ks :].view(t, spec.num_kv_heads, spec.head_dim)
-            q = _rope(q, cos, sin)
-            k = _rope(k, cos, sin)
             attention.write(i, k, v, meta)
             attn = attention(i, q, meta).reshape(t, qs)
             o = F.linear(attn, layer.o)
@@ -129,15 +129,19 @@ class Model:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # torch's fused kernel; same math as below
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [tokens, heads, head_dim]; cos/sin [tokens, 1, head_dim/2] (the tables'
+    two halves are equal, so half of each is enough)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def _rope_tables(spec: ModelSpec, device, dtype):
@@ -155,8 +159,7 @@ def _rope_tables(spec: ModelSpec, device, dtype):
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
     pos = torch.arange(spec.max_position, dtype=torch.float)
     freqs = torch.outer(pos, inv_freq.float())
-    emb = torch.cat((freqs, freqs), dim=-1)
     return (
-        (emb.cos() * scaling).to(device=device, dtype=dtype),
-        (emb.sin() * scaling).to(device=device, dtype=dtype),
+        (freqs.cos() * scaling).to(device=device, dtype=dtype),
+        (freqs.sin() * scaling).to(device=device, dtype=dtype),
     )

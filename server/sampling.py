@@ -5,6 +5,7 @@ own torch.Generator, so its tokens do not depend on what else shares the batch."
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .types import TokenLogprob
@@ -14,8 +15,10 @@ _shared.seed()
 
 
 def sample(logits: torch.Tensor, seqs) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: float32 [rows, vocab] on any device; seqs: the matching Sequences."""
-    logits = logits.float().cpu()
+    """logits: float32 [rows, vocab] on any device; seqs: the matching Sequences.
+
+    Greedy rows are decided where the logits are (only token ids cross to the host);
+    rows that need more than an argmax are copied to the host and sampled there."""
     greedy = [
         i
         for i, s in enumerate(seqs)
@@ -23,9 +26,12 @@ def sample(logits: torch.Tensor, seqs) -> tuple[list[int], list[TokenLogprob | N
     ]
     tokens = [0] * len(seqs)
     if greedy:
-        picked = logits[greedy].argmax(-1).tolist()
-        for i, t in zip(greedy, picked, strict=True):
+        rows = logits if len(greedy) == len(seqs) else logits[greedy]
+        for i, t in zip(greedy, _argmax_rows(rows), strict=True):
             tokens[i] = t
+    if len(greedy) == len(seqs) and not any(s.params.logprobs for s in seqs):
+        return tokens, [None] * len(seqs)
+    logits = logits.float().cpu()
     done = set(greedy)
     for i, seq in enumerate(seqs):
         if i not in done:
@@ -35,6 +41,14 @@ def sample(logits: torch.Tensor, seqs) -> tuple[list[int], list[TokenLogprob | N
         if seq.params.logprobs:
             logprobs[i] = _logprobs(logits[i], tokens[i], seq.params.logprobs)
     return tokens, logprobs
+
+
+def _argmax_rows(rows: torch.Tensor) -> list[int]:
+    """First maximum of each row. On the CPU numpy's argmax is several times faster
+    than torch's for [batch, vocab] rows, with the same ties and NaN rule."""
+    if rows.device.type == "cpu":
+        return np.argmax(rows.float().numpy(), axis=-1).tolist()
+    return rows.argmax(-1).tolist()
 
 
 def _sample_row(row: torch.Tensor, seq) -> int:
