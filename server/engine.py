@@ -290,44 +290,52 @@ class Engine:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._reap_aborted()
-            await self._place_pinned(loop)
-            self._reload_evicted_host_copies()
-            if not self.scheduler.has_work():
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            t0 = time.perf_counter()
-            plan = self.scheduler.schedule()
-            for seq, exc in plan.failed:
-                self._fail(self._requests[seq.request_id], exc)
-            if not plan.batch:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), 0.01)
-                except TimeoutError:
-                    pass
-                continue
-            t1 = time.perf_counter()
             try:
-                result = await loop.run_in_executor(self._executor, self._execute, plan)
-            except Exception as exc:  # a bug in a step must not take the server down
-                log.exception("step failed")
-                for entry, _pages in plan.placements:
-                    self.adapters.unreserve(entry.content_hash)
-                for item in plan.batch:
-                    req = self._requests.get(item.seq.request_id)
-                    if req is not None:
-                        self._fail(req, LoraPoolError(f"internal error in forward step: {exc}"))
-                continue
-            t2 = time.perf_counter()
-            self._postprocess(plan, result)
-            self.scheduler.after_step()
-            t3 = time.perf_counter()
-            self.steps += 1
-            self.step_seconds += t2 - t1
-            self.schedule_seconds += (t1 - t0) + (t3 - t2)
-            await asyncio.sleep(0)  # let streams and new requests in between steps
+                await self._iterate(loop)
+            except Exception as exc:  # a bug must not stop the loop (and every stream) for good
+                log.exception("engine loop iteration failed")
+                self._fail_all(LoraPoolError(f"internal error in the engine: {exc}"))
+
+    async def _iterate(self, loop) -> None:
+        """One turn of the loop: housekeeping, then schedule and run one step."""
+        self._reap_aborted()
+        await self._place_pinned(loop)
+        self._reload_evicted_host_copies()
+        if not self.scheduler.has_work():
+            self._wake.clear()
+            await self._wake.wait()
+            return
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule()
+        for seq, exc in plan.failed:
+            self._fail(self._requests[seq.request_id], exc)
+        if not plan.batch:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.01)
+            except TimeoutError:
+                pass
+            return
+        t1 = time.perf_counter()
+        try:
+            result = await loop.run_in_executor(self._executor, self._execute, plan)
+        except Exception as exc:  # a failed step fails its own batch only
+            log.exception("step failed")
+            for entry, _pages in plan.placements:
+                self.adapters.unreserve(entry.content_hash)
+            for item in plan.batch:
+                req = self._requests.get(item.seq.request_id)
+                if req is not None:
+                    self._fail(req, LoraPoolError(f"internal error in forward step: {exc}"))
+            return
+        t2 = time.perf_counter()
+        self._postprocess(plan, result)
+        self.scheduler.after_step()
+        t3 = time.perf_counter()
+        self.steps += 1
+        self.step_seconds += t2 - t1
+        self.schedule_seconds += (t1 - t0) + (t3 - t2)
+        await asyncio.sleep(0)  # let streams and new requests in between steps
 
     def _execute(self, plan: StepPlan):
         for entry, pages in plan.placements:
@@ -395,6 +403,13 @@ class Engine:
         event.finish_reason = reason
         event.usage = self._usage(seq)
         req.queue.put_nowait(event)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """Fail every request in flight and return all their pages: the scheduler's
+        state can no longer be trusted after an internal error."""
+        for req in list(self._requests.values()):
+            self._fail(req, exc)
+        self.scheduler.reset()
 
     def _fail(self, req: _Request, exc: Exception) -> None:
         if req.seq.status is not Status.FINISHED:

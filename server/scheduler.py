@@ -93,6 +93,14 @@ class Scheduler:
         self.remove(seq)
         seq.status = Status.FINISHED
 
+    def reset(self) -> None:
+        """After an internal error: give back placements that will not happen and
+        everything any sequence still holds."""
+        for key in list(self.adapters.reserved):
+            self.adapters.unreserve(key)
+        for seq in self.running + self.waiting:
+            self.remove(seq)
+
     # -- one step -----------------------------------------------------------------------
     def schedule(self) -> StepPlan:
         self.step_no += 1
@@ -133,6 +141,10 @@ class Scheduler:
         key = entry.content_hash if entry else ""
         need_adapter = 0
         if entry is not None and key not in step.placing and self.adapters.resident(entry) is None:
+            if not self._ready(seq):
+                # Evicted from the pool earlier in this step while its host copy was
+                # already gone: it waits for the reload the engine starts.
+                return False
             need_adapter = self.adapters.pages_needed(entry)
         seq.adapter_key = key
         self.blocks.match_prefix(seq)

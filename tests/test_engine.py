@@ -4,6 +4,7 @@ Engine.generate / load_adapter / stats can observe."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import shutil
 import time
@@ -139,6 +140,33 @@ async def test_pressure_evicts_and_preempts_yet_outputs_match_alone(make_engine)
     stats = small.stats()
     assert stats.adapter_pages == stats.cached_pages == 0, stats
     assert stats.free_pages == stats.total_pages, stats
+
+
+async def test_adapter_evicted_from_both_tiers_mid_schedule_reloads(make_engine):
+    """Admitting one adapter evicts another idle one whose host copy is already gone;
+    a request for the evicted one in the same step waits for a reload instead of
+    breaking the schedule (which used to stop the engine loop for good)."""
+    a, b = ADAPTER(3), ADAPTER(4)  # 23 and 20 pages; host copies 184 and 164 KB
+    engine = await make_engine(pool_pages=30, host_cache_mib=0.19, watermark=0.0)
+    req_a = make_request("a", prompt(1, 10), a, max_new_tokens=4)
+    req_b = make_request("b", prompt(2, 10), b, max_new_tokens=4)
+    alone_a = (await collect(engine, req_a)).tokens  # a stays resident, idle
+    alone_b = (await collect(engine, req_b)).tokens  # evicts a, keeps b
+    await collect(engine, dataclasses.replace(req_a, request_id="a2"))  # a back, b idle
+    await engine.load_adapter(b)  # b's copy pushes a's out of the one-copy host cache
+    states = {i.adapter_id: i.state for i in engine.list_adapters()}
+    assert (states[a], states[b]) == (AdapterState.DEVICE, AdapterState.HOST)
+    assert engine.adapters.entries[a].content_hash not in engine.adapters.host
+    both = await asyncio.wait_for(
+        asyncio.gather(
+            collect(engine, dataclasses.replace(req_a, request_id="a3")),
+            collect(engine, dataclasses.replace(req_b, request_id="b3")),
+        ),
+        timeout=30,
+    )
+    assert [r.tokens for r in both] == [alone_a, alone_b]
+    await wait_for(lambda: engine.stats().kv_pages == 0)
+    assert_pages_balance(engine.stats())
 
 
 async def test_pages_balance_at_every_moment_under_pressure(make_engine):
@@ -519,6 +547,34 @@ async def test_failed_step_fails_its_batch_only_and_returns_every_page(make_engi
     engine.runner.step = flaky_step
     requests = [
         make_request(f"f{i}", prompt(i, 12), ADAPTER(i), max_new_tokens=10) for i in range(3)
+    ]
+    results = await asyncio.gather(*(collect(engine, r) for r in requests), return_exceptions=True)
+    assert all(isinstance(r, LoraPoolError) and "injected" in str(r) for r in results), results
+    ok = await collect(engine, make_request("after", prompt(9, 12), ADAPTER(1), max_new_tokens=10))
+    assert ok.finish == FinishReason.LENGTH and len(ok.tokens) == 10
+    for i in range(3):
+        await engine.unload_adapter(ADAPTER(i))
+    engine.clear_prefix_cache()
+    stats = engine.stats()
+    assert stats.free_pages == stats.total_pages, stats
+
+
+async def test_failed_schedule_fails_requests_in_flight_and_the_engine_goes_on(make_engine):
+    engine = await make_engine(pool_mib=4)
+    real_schedule = engine.scheduler.schedule
+    calls = 0
+
+    def flaky_schedule():
+        nonlocal calls
+        calls += 1
+        plan = real_schedule()  # state changed (pages taken), then it breaks
+        if calls == 3:
+            raise RuntimeError("injected scheduler failure")
+        return plan
+
+    engine.scheduler.schedule = flaky_schedule
+    requests = [
+        make_request(f"s{i}", prompt(i, 12), ADAPTER(i), max_new_tokens=10) for i in range(3)
     ]
     results = await asyncio.gather(*(collect(engine, r) for r in requests), return_exceptions=True)
     assert all(isinstance(r, LoraPoolError) and "injected" in str(r) for r in results), results
