@@ -176,6 +176,7 @@ class CallResult:
     status: str  # ghz's status name: "OK", "Unavailable", ...
     error: str = ""  # ghz style: "rpc error: code = ... desc = ..."
     tokens: int = 0
+    finish_reason: str = ""  # LENGTH, STOP, EOS, CANCELLED (server shutdown) on an OK call
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
 
@@ -223,10 +224,13 @@ class _Runner:
             if self.config.call == "complete":
                 reply = await self.client.complete(**kwargs)
                 result.tokens = len(reply.token_ids)
+                result.finish_reason = reply.finish_reason.name
                 result.ttft_s = reply.usage.ttft_ms / 1e3 if reply.usage.ttft_ms else None
             else:
                 last = t0
                 async for event in self.client.generate(**kwargs):
+                    if event.finish_reason:
+                        result.finish_reason = event.finish_reason.name
                     n = len(event.token_ids)
                     if not n:
                         continue
@@ -422,6 +426,7 @@ class BenchReport:
     latency_distribution: list[tuple[int, float]]
     status_codes: dict[str, int]
     errors: dict[str, int]
+    finish_reasons: dict[str, int]  # of OK calls: a stream cut by a drain is OK + CANCELLED
     results: list[CallResult]
     generated_tokens: int
     tokens_per_second: float
@@ -458,6 +463,7 @@ class BenchReport:
             latency_distribution=[(p, percentile(ok, p) or 0.0) for p in PERCENTAGES if ok],
             status_codes=dict(Counter(r.status for r in results)),
             errors=dict(Counter(r.error for r in results if r.error)),
+            finish_reasons=dict(Counter(r.finish_reason for r in results if r.finish_reason)),
             results=results if config.details else [],
             generated_tokens=tokens,
             tokens_per_second=tokens / total_s if total_s > 0 else 0.0,
@@ -501,6 +507,7 @@ class BenchReport:
                 "ttft": {k: _ns(v) for k, v in self.ttft.items()},
                 "itl": {k: _ns(v) for k, v in self.itl.items()},
                 "ttft_source": self.ttft_source,
+                "finish_reasons": self.finish_reasons,
             },
         }
 
@@ -542,6 +549,8 @@ class BenchReport:
             "Tokens:",
             f"  Generated:    {self.generated_tokens}",
             f"  Tokens/sec:   {self.tokens_per_second:.2f}",
+            "  Finished:     "
+            + (", ".join(f"{k} {n}" for k, n in sorted(self.finish_reasons.items())) or "-"),
             f"  TTFT:         {ttft}  ({source})",
             f"  ITL:          {itl}",
             "",

@@ -874,6 +874,7 @@ def test_cli_bench_json_counts_what_it_sent(server, stub):
     assert report["count"] == total and len(report["details"]) == total
     assert report["statusCodeDistribution"] == {"OK": total}
     assert report["tokens"]["total"] == sum(item.max_new_tokens for item in trace)
+    assert report["tokens"]["finish_reasons"] == {"LENGTH": total}
     assert report["tokens"]["ttft"]["p50"] > 0 and report["tokens"]["itl"]["p50"] > 0
     after = wait_idle(stub)
     assert after.generated_tokens - before.generated_tokens == report["tokens"]["total"]
