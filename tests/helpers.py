@@ -82,11 +82,12 @@ class Harness:
         num_pages: int,
         block_size: int = BLOCK_SIZE,
         seed: int = 0,
+        dtype: torch.dtype = torch.float32,
     ):
-        self.model = Model.from_pretrained(model_dir)
+        self.model = Model.from_pretrained(model_dir, dtype=dtype)
         spec = self.spec = self.model.spec
         self.layout = PageLayout(spec.num_layers, block_size, spec.num_kv_heads, spec.head_dim)
-        self.pool = PagePool(self.layout, num_pages, torch.float32, "cpu")
+        self.pool = PagePool(self.layout, num_pages, dtype, "cpu")
         scramble_free_list(self.pool.allocator, seed)
         self.blocks = BlockManager(self.pool.allocator, block_size, enable_prefix_cache=False)
         self.adapters: list[PlacedAdapter] = [self.place(d) for d in adapter_dirs]

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorapool.server.errors import (
     AdapterIncompatible,
@@ -585,6 +586,22 @@ async def test_failed_schedule_fails_requests_in_flight_and_the_engine_goes_on(m
     engine.clear_prefix_cache()
     stats = engine.stats()
     assert stats.free_pages == stats.total_pages, stats
+
+
+async def test_bfloat16_engine_serves_base_and_adapters(make_engine):
+    """--dtype bfloat16: pool, weights and adapter pages in bf16, same engine paths."""
+    engine = await make_engine(pool_mib=4, dtype="bfloat16")
+    assert engine.pool.tensor.dtype == torch.bfloat16
+    assert engine.model_info()["dtype"] == "bfloat16"
+    requests = [
+        make_request(f"h{i}", prompt(7, 20), ADAPTER(i) if i else "", max_new_tokens=12)
+        for i in range(4)
+    ]
+    results = await asyncio.gather(*(collect(engine, r) for r in requests))
+    assert all(r.finish == FinishReason.LENGTH and len(r.tokens) == 12 for r in results)
+    assert len({tuple(r.tokens) for r in results}) == 4  # one prompt: adapters change it
+    await wait_for(lambda: engine.stats().kv_pages == 0)
+    assert_pages_balance(engine.stats())
 
 
 # --------------------------------------------------------------------------- sampling

@@ -284,3 +284,28 @@ def test_sharded_checkpoint_loads_identically(case, mixed, sharded):
     for i, (res, base) in enumerate(zip(got, results, strict=True)):
         assert res.tokens == base.tokens[:steps], f"row {i}"
         assert torch.equal(torch.stack(res.logits), torch.stack(base.logits[:steps])), f"row {i}"
+
+
+# Half-precision serving (what --dtype bfloat16 runs on a GPU), checked on the CPU
+# against fp32 PEFT: the error is the format's rounding, far below any adapter's effect.
+HALF_TOL = {torch.bfloat16: 0.08, torch.float16: 0.01}  # of the logits' std
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_stays_close_to_fp32_peft(tiny_demo, dtype):
+    dirs = tiny_demo.adapter_dirs[:N_ADAPTERS]
+    harness = Harness(tiny_demo.model_dir, dirs, num_pages=POOL_PAGES, dtype=dtype)
+    assert harness.pool.tensor.dtype == dtype
+    reference = Reference(tiny_demo.model_dir, dirs)
+    vocab = harness.spec.vocab_size
+    rows = [Row(prompt_for(i, n, vocab), a) for i, (n, a) in enumerate(MIXED)]
+    for i, (row, res) in enumerate(zip(rows, harness.generate(rows, 9), strict=True)):
+        ids = row.prompt + res.tokens[:-1]
+        ref = reference.logits(ids, row.adapter)[len(row.prompt) - 1 :]
+        ours = torch.stack(res.logits)
+        tol = HALF_TOL[dtype] * float(ref.std())
+        err = float((ours - ref).abs().max())
+        assert err <= tol, f"row {i} (adapter {row.adapter}): {err:.3g} > {tol:.3g}"
+        if row.adapter is not None:
+            base = reference.logits(ids, None)[len(row.prompt) - 1 :]
+            assert float((ref - base).abs().max()) > 5 * tol, "adapter effect hidden by rounding"
