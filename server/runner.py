@@ -13,7 +13,7 @@ import torch
 from lorapool.memory.pool import PagePool
 
 from .attention import PagedAttention, build_meta
-from .lora import LoraBatch, PlacedAdapter
+from .lora import DENSE_SEGMENT_TOKENS, LoraBatch, PlacedAdapter
 from .model import Model
 from .sampling import sample
 from .types import TokenLogprob
@@ -33,8 +33,9 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, pool: PagePool):
+    def __init__(self, model: Model, pool: PagePool, dense_lora_tokens: int = DENSE_SEGMENT_TOKENS):
         self.model = model
+        self.dense_lora_tokens = dense_lora_tokens  # segment length where LoRA goes dense
         self.pool = pool
         self.block_size = pool.layout.block_size
         self.scale = model.spec.head_dim**-0.5
@@ -114,6 +115,6 @@ class ModelRunner:
             )
         ):
             return cached[1]
-        lora = LoraBatch(self.pool, self.model.spec, segments, num_tokens)
+        lora = LoraBatch(self.pool, self.model.spec, segments, num_tokens, self.dense_lora_tokens)
         self._lora_cache = (segments, lora)
         return lora

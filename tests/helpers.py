@@ -83,6 +83,7 @@ class Harness:
         block_size: int = BLOCK_SIZE,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        dense_lora_tokens: int = 8,  # low, so that short test prompts take both LoRA paths
     ):
         self.model = Model.from_pretrained(model_dir, dtype=dtype)
         spec = self.spec = self.model.spec
@@ -91,7 +92,7 @@ class Harness:
         scramble_free_list(self.pool.allocator, seed)
         self.blocks = BlockManager(self.pool.allocator, block_size, enable_prefix_cache=False)
         self.adapters: list[PlacedAdapter] = [self.place(d) for d in adapter_dirs]
-        self.runner = ModelRunner(self.model, self.pool)
+        self.runner = ModelRunner(self.model, self.pool, dense_lora_tokens)
 
     def place(self, adapter_dir: Path) -> PlacedAdapter:
         weights = read_adapter(adapter_dir, self.spec)

@@ -19,7 +19,6 @@ from helpers import Harness, Reference, Row, random_prompt
 
 from lorapool.memory.kv import BlockManager
 from lorapool.memory.peft_adapter import read_adapter
-from lorapool.server.lora import DENSE_SEGMENT_TOKENS
 from lorapool.server.model import Model
 
 N_ADAPTERS = 6  # demo adapters 0..5
@@ -98,7 +97,8 @@ def test_the_setup_is_demanding(case, mixed):
     assert any(p != list(range(p[0], p[0] + len(p))) for p in placed), "pages not scattered"
     rows, _ = mixed
     lengths = [len(r.prompt) for r in rows]
-    assert min(lengths) < DENSE_SEGMENT_TOKENS <= max(lengths)  # both LoRA prefill paths
+    dense = harness.runner.dense_lora_tokens
+    assert min(lengths) < dense <= max(lengths)  # both LoRA prefill paths
     assert all(n + NEW_TOKENS > 2 * harness.layout.block_size for n in lengths)
 
 
