@@ -28,8 +28,8 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMeta:
-    slot_pages: torch.Tensor  # [tokens] page of each new token's K/V
-    slot_offsets: torch.Tensor  # [tokens] slot inside that page's block
+    k_write: torch.Tensor  # [tokens * kv heads * head dim] layer-0 elements of new K^T
+    v_write: torch.Tensor  # [tokens * kv heads] layer-0 rows (width head dim) of new V
     num_decode: int = 0  # tokens [0, num_decode) are decode rows
     k_rows: torch.Tensor | None = (
         None  # layer-0 rows of K^T (width block) per (row, head, block, d)
@@ -57,9 +57,17 @@ def build_meta(
     device = pool.device
     lay = pool.layout
     bs, nkv, hd = lay.block_size, lay.num_kv_heads, lay.head_dim
+    # Where each new token's K and V go, as flat indices computed once per step, so
+    # that every layer writes them with two indexed copies (through its offset views).
+    p = pool.page_elems
+    pages = torch.as_tensor(slot_pages, dtype=torch.long).view(-1, 1, 1)
+    slots = torch.as_tensor(slot_offsets, dtype=torch.long).view(-1, 1, 1)
+    heads = torch.arange(nkv).view(1, -1, 1)
+    k_write = pages * p + heads * (hd * bs) + torch.arange(hd).view(1, 1, -1) * bs + slots
+    v_write = pages[..., 0] * (p // hd) + (nkv + heads[..., 0]) * bs + slots[..., 0]
     meta = AttentionMeta(
-        slot_pages=torch.as_tensor(slot_pages, dtype=torch.long).to(device),
-        slot_offsets=torch.as_tensor(slot_offsets, dtype=torch.long).to(device),
+        k_write=k_write.reshape(-1).to(device),
+        v_write=v_write.reshape(-1).to(device),
         num_decode=len(decode_lens),
         scale=scale,
     )
@@ -70,7 +78,6 @@ def build_meta(
             tables[row, : len(table)] = torch.as_tensor(table, dtype=torch.long)
         kv_head = torch.arange(num_heads) // (num_heads // nkv)
         d = torch.arange(hd)
-        p = pool.page_elems
         k_rows = (
             tables.view(rows, 1, width, 1) * (p // bs)
             + kv_head.view(1, -1, 1, 1) * hd
@@ -123,20 +130,21 @@ class PagedAttention:
         self.v_views = [
             pool.rows_view(lay.head_dim, i * layer_elems) for i in range(lay.num_layers)
         ]
+        self.flat_views = [pool.tensor[i * layer_elems :] for i in range(lay.num_layers)]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> None:
         """k, v: [tokens, kv heads, head dim] of the step's new tokens."""
-        self.pool.k[:, layer][meta.slot_pages, :, :, meta.slot_offsets] = k
-        self.pool.v[:, layer][meta.slot_pages, :, meta.slot_offsets] = v
+        self.flat_views[layer].index_put_((meta.k_write,), k.reshape(-1))
+        self.v_views[layer].index_copy_(0, meta.v_write, v.reshape(-1, v.shape[-1]))
 
     def __call__(self, layer: int, q: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
         """q: [tokens, heads, head dim] -> attention output of the same shape."""
-        out = torch.empty_like(q)
         d = meta.num_decode
+        out = torch.empty_like(q) if meta.prefills else None
         if d:
             heads, hd = q.shape[1], q.shape[2]
             blocks = meta.k_offsets.numel() // (d * heads)
-            weights = (q[:d] * meta.scale).unsqueeze(2).expand(d, heads, blocks, hd)
+            weights = q[:d].unsqueeze(2).expand(d, heads, blocks, hd)
             scores = F.embedding_bag(
                 meta.k_rows,
                 self.k_views[layer],
@@ -144,14 +152,18 @@ class PagedAttention:
                 mode="sum",
                 per_sample_weights=weights.reshape(-1),
             ).view(d, heads, -1)
-            probs = torch.softmax(scores + meta.decode_bias, dim=-1)
-            out[:d] = F.embedding_bag(
+            # bias + scale * scores in one op (the bias masks slots past each row's end)
+            probs = torch.softmax(torch.add(meta.decode_bias, scores, alpha=meta.scale), dim=-1)
+            decoded = F.embedding_bag(
                 meta.v_rows,
                 self.v_views[layer],
                 meta.v_offsets,
                 mode="sum",
                 per_sample_weights=probs.reshape(-1),
             ).view(d, heads, hd)
+            if out is None:
+                return decoded
+            out[:d] = decoded
         for chunk in meta.prefills:
             s, n = chunk.start, chunk.q_len
             k, v = self._gather(layer, chunk)
