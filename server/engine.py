@@ -226,6 +226,8 @@ class Engine:
         return req
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        # Length bounds first (the full context check is _validate's): a huge prompt is
+        # refused before a per-token scan or tokenizing it on the event loop.
         if len(request.input_ids or ()) > self.max_model_len:
             raise InvalidRequest(
                 f"input_ids has {len(request.input_ids)} tokens; the context holds "

@@ -533,49 +533,34 @@ async def test_corrupt_adapter_is_incompatible_and_costs_no_pages(make_engine, t
     assert engine.stats().free_pages == free
 
 
-async def test_failed_step_fails_its_batch_only_and_returns_every_page(make_engine):
+@pytest.mark.parametrize(
+    "owner, method, after",
+    [
+        ("runner", "step", False),  # the forward step fails: its batch fails
+        ("scheduler", "schedule", True),  # scheduling breaks after taking pages
+    ],
+    ids=["step", "schedule"],
+)
+async def test_internal_failure_fails_requests_in_flight_and_returns_every_page(
+    make_engine, owner, method, after
+):
+    """An internal error fails the requests it touched; the engine goes on serving."""
     engine = await make_engine(pool_mib=4)
-    real_step = engine.runner.step
+    target = getattr(engine, owner)
+    real = getattr(target, method)
     calls = 0
 
-    def flaky_step(batch):
+    def flaky(*args):
         nonlocal calls
         calls += 1
+        result = real(*args) if after else None  # state changed, then it breaks
         if calls == 3:
             raise RuntimeError("injected failure")
-        return real_step(batch)
+        return result if after else real(*args)
 
-    engine.runner.step = flaky_step
+    setattr(target, method, flaky)
     requests = [
         make_request(f"f{i}", prompt(i, 12), ADAPTER(i), max_new_tokens=10) for i in range(3)
-    ]
-    results = await asyncio.gather(*(collect(engine, r) for r in requests), return_exceptions=True)
-    assert all(isinstance(r, LoraPoolError) and "injected" in str(r) for r in results), results
-    ok = await collect(engine, make_request("after", prompt(9, 12), ADAPTER(1), max_new_tokens=10))
-    assert ok.finish == FinishReason.LENGTH and len(ok.tokens) == 10
-    for i in range(3):
-        await engine.unload_adapter(ADAPTER(i))
-    engine.clear_prefix_cache()
-    stats = engine.stats()
-    assert stats.free_pages == stats.total_pages, stats
-
-
-async def test_failed_schedule_fails_requests_in_flight_and_the_engine_goes_on(make_engine):
-    engine = await make_engine(pool_mib=4)
-    real_schedule = engine.scheduler.schedule
-    calls = 0
-
-    def flaky_schedule():
-        nonlocal calls
-        calls += 1
-        plan = real_schedule()  # state changed (pages taken), then it breaks
-        if calls == 3:
-            raise RuntimeError("injected scheduler failure")
-        return plan
-
-    engine.scheduler.schedule = flaky_schedule
-    requests = [
-        make_request(f"s{i}", prompt(i, 12), ADAPTER(i), max_new_tokens=10) for i in range(3)
     ]
     results = await asyncio.gather(*(collect(engine, r) for r in requests), return_exceptions=True)
     assert all(isinstance(r, LoraPoolError) and "injected" in str(r) for r in results), results

@@ -6,6 +6,7 @@ generic reflection client that knows nothing of our stubs, and the CLI."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import signal
@@ -711,19 +712,31 @@ def wait_port_serving(target: str, proc, timeout: float = 120.0) -> None:
         wait_health(ch, "SERVING", timeout, proc)
 
 
-def test_sigterm_lets_streams_in_flight_finish_then_exits_0(tiny_demo, tmp_path):
+@contextlib.contextmanager
+def serve_process(tiny_demo, tmp_path, grace: int):
+    """`lorapool serve` in a subprocess on the tiny demo, SERVING when this yields
+    (process, target, log path); killed at the end if it is still running."""
     port = free_port()
     target = f"127.0.0.1:{port}"
     log_path = tmp_path / "serve.log"
     cmd = [
         LORAPOOL, "serve", "--model", str(tiny_demo.model_dir),
         "--adapters", str(tiny_demo.adapters_dir), "--port", str(port),
-        "--metrics-port", "0", "--grace", "30", "--log-level", "INFO", "--pool-mib", "32",
+        "--metrics-port", "0", "--grace", str(grace), "--log-level", "INFO", "--pool-mib", "32",
     ]  # fmt: skip
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_port_serving(target, proc)
+        yield proc, target, log_path
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_lets_streams_in_flight_finish_then_exits_0(tiny_demo, tmp_path):
+    with serve_process(tiny_demo, tmp_path, grace=30) as (proc, target, log_path):
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.LoraPoolServiceStub(ch)
             n = MEDIUM
@@ -748,27 +761,12 @@ def test_sigterm_lets_streams_in_flight_finish_then_exits_0(tiny_demo, tmp_path)
                 assert len(head.token_ids) + len(ids) == n
                 assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert proc.wait(30) == 0, log_path.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     log = log_path.read_text()
     assert "draining" in log and "stopped" in log
 
 
 def test_a_second_sigterm_cuts_the_grace_period(tiny_demo, tmp_path):
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    log_path = tmp_path / "serve.log"
-    cmd = [
-        LORAPOOL, "serve", "--model", str(tiny_demo.model_dir), "--port", str(port),
-        "--adapters", str(tiny_demo.adapters_dir), "--metrics-port", "0", "--grace", "600",
-        "--pool-mib", "32",
-    ]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_port_serving(target, proc)
+    with serve_process(tiny_demo, tmp_path, grace=600) as (proc, target, log_path):
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.LoraPoolServiceStub(ch)
             call = stub.Generate(long_request(n=LIMIT), timeout=120)
@@ -780,10 +778,6 @@ def test_a_second_sigterm_cuts_the_grace_period(tiny_demo, tmp_path):
             assert messages[-1].finish_reason == pb.FINISH_REASON_CANCELLED
             assert len(head.token_ids) + len(ids) < LIMIT
         assert proc.wait(30) == 0, log_path.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert "second signal" in log_path.read_text()
 
 
