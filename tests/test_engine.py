@@ -653,6 +653,9 @@ async def test_invalid_requests_are_refused_by_name(make_engine):
         (params(temperature=-0.5), "temperature"),
         (params(logprobs=21), "logprobs"),
         (make_request("v", [5, 600, 7]), "vocabulary"),
+        # refused by length alone, before a per-token scan or the tokenizer runs
+        (make_request("v", [600] * 129), "the context holds 128"),
+        (GenerationRequest("v3", prompt="x" * 10**7, params=SamplingParams()), "characters"),
     ]
     for request, words in bad:
         with pytest.raises(InvalidRequest) as exc:
