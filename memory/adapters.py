@@ -19,7 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from lorapool.server.errors import AdapterNotFound, AdapterTooLarge, LoraPoolError
-from lorapool.server.lora import PackedAdapter, PlacedAdapter, pack_adapter, place_adapter
+from lorapool.server.lora import (
+    PackedAdapter,
+    PlacedAdapter,
+    pack_adapter,
+    place_adapter,
+    verify_layout,
+)
 from lorapool.server.types import AdapterInfo, AdapterState
 
 from .peft_adapter import read_adapter
@@ -164,6 +170,7 @@ class AdapterManager:
             self.pool.dtype,
             self.pool.page_elems,
         )
+        verify_layout(self.pool.layout, self.spec, packed, self.pool.dtype)
         return weights, packed
 
     def _touch_host(self, key: str) -> None:

@@ -9,7 +9,7 @@ Page layout (see docs/memory.md for the measured waste):
   head, K is stored transposed [head_dim, block] and V as [block, head_dim], so
   decode attention reads both straight from the pages (server/attention.py).
 - An adapter is packed into a flat sequence of elements (each matrix aligned to
-  ALIGN elements) and that sequence is cut into however many pages it needs. A
+  the lcm of ALIGN and the width of the sub-rows it is read in) and that sequence is cut into however many pages it needs. A
   matrix may span pages; pages need not be contiguous. MLP matrices wider than the
   hidden size are just longer runs. Waste per adapter: alignment padding plus the
   unused tail of its last page.
@@ -17,15 +17,23 @@ Page layout (see docs/memory.md for the measured waste):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from .allocator import PageAllocator
 
-# Every adapter matrix starts at a multiple of ALIGN elements within its packed
-# run, so sub-rows of width gcd(ALIGN, width) never straddle a page boundary.
+# Pages and packed adapter matrices start at multiples of ALIGN elements (cache
+# lines and vector loads stay aligned). Whatever must also hold for another width
+# (a head dim, a block size, an expand sub-row) aligns to the lcm, never the max:
+# widths such as 48, 80 or 96 are not powers of two.
 ALIGN = 128
+
+
+def alignment(*widths: int) -> int:
+    """The smallest alignment that is a multiple of ALIGN and of every width."""
+    return math.lcm(ALIGN, *widths)
 
 
 @dataclass(frozen=True)
@@ -46,8 +54,13 @@ class PageLayout:
 
     @property
     def page_elems(self) -> int:
-        """kv_elems rounded up to ALIGN, so adapter sub-rows stay inside pages."""
-        return -(-self.kv_elems // ALIGN) * ALIGN
+        """kv_elems rounded up to a multiple of ALIGN, block_size and head_dim.
+
+        Attention addresses a page as rows of block_size (K^T) and of head_dim (V)
+        elements counted from the pool's start, so the page must hold whole rows of
+        both; adapter sub-rows (widths dividing ALIGN or the page) never straddle it."""
+        align = alignment(self.block_size, self.head_dim)
+        return -(-self.kv_elems // align) * align
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.num_layers * 2 * self.kv_width * _itemsize(dtype)

@@ -492,19 +492,31 @@ def write_model(
     shard_mib: float | None = None,
 ) -> Path:
     """Write tokenizer, config, generation config and weights in the HF layout."""
-    import torch
-    from transformers import GenerationConfig, LlamaForCausalLM, Qwen2ForCausalLM
-
     model_dir = Path(model_dir)
     p = PRESETS[preset]
     ids = write_tokenizer(model_dir, p.vocab_size, arch)
-    config = model_config(preset, arch, ids)
-    model_cls = LlamaForCausalLM if arch == "llama" else Qwen2ForCausalLM
+    return write_checkpoint(model_dir, model_config(preset, arch, ids), seed, shard_mib)
+
+
+def write_checkpoint(
+    model_dir: str | os.PathLike[str],
+    config: Any,
+    seed: int = 0,
+    shard_mib: float | None = None,
+) -> Path:
+    """Write config, generation config and seeded weights (no tokenizer) for any
+    Llama-family transformers config: any widths, head dim, KV heads or vocab."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model_dir = Path(model_dir)
     with torch.device("cpu"):
-        model = model_cls(config)
+        model = AutoModelForCausalLM.from_config(config)
     init_weights(model, seed)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"]
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
     )
     shard = int(shard_mib * 2**20) if shard_mib else "50GB"
     with _quiet_progress():

@@ -21,15 +21,19 @@ adapter's matrices once and use dense matmuls (SGMV).
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from lorapool.memory.pool import ALIGN, PagePool
+from lorapool.memory.pool import ALIGN, PageLayout, PagePool, alignment
 
 from .checkpoint import ModelSpec
+from .errors import AdapterIncompatible
+
+log = logging.getLogger("lorapool.lora")
 
 # Segments with at least this many tokens of one adapter use the dense path. On a
 # CPU the gathered path stays cheaper up to about 128 tokens (its weights are hot
@@ -133,11 +137,14 @@ def pack_adapter(
         pos += m.numel()
         return start
 
+    g = shrink_width(rank)
     for (layer, module), (a, b) in sorted(weights.items()):
         a_t = a.t().contiguous().to(torch.float32).reshape(-1)
         b_t = (b.to(torch.float32) * scale).t().contiguous().reshape(-1)
         h = site_width(spec, SITE_OF[module], page_elems)
-        offsets[(layer, module)] = (put(a_t, ALIGN), put(b_t, max(ALIGN, h)))
+        # Each matrix is gathered as sub-rows of its own width (g for A^T, h for
+        # (sB)^T), counted from the pool's start: it must start at a multiple of it.
+        offsets[(layer, module)] = (put(a_t, alignment(g)), put(b_t, alignment(h)))
     flat = torch.cat(chunks).to(dtype)
     return PackedAdapter(flat=flat, rank=rank, offsets=offsets)
 
@@ -350,16 +357,62 @@ class LoraBatch:
                     y[start : start + n, c : c + b_t.shape[1]] += (xs @ a_t) @ b_t
 
     def dense_weights(self, adapter: PlacedAdapter, layer: int, module: str):
-        """Gather A^T [in, r] and (sB)^T [r, out] of one matrix pair into dense tensors."""
-        fan_in, fan_out = self.spec.module_shape(module)
-        r, g = adapter.rank, adapter.g
-        h = site_width(self.spec, SITE_OF[module], self.pool.page_elems)
-        shrink, expand = adapter.sites[SITE_OF[module]].per_module[module]
-        a = self._view(g).index_select(0, shrink[layer])  # [(r/g) * in, g]
-        a_t = a.view(r // g, fan_in, g).permute(1, 0, 2).reshape(fan_in, r)
-        b = self._view(h).index_select(0, expand[layer])  # [(out/h) * r, h]
-        b_t = b.view(fan_out // h, r, h).permute(1, 0, 2).reshape(r, fan_out)
-        return a_t, b_t
+        return gather_weights(self.pool, self.spec, adapter, layer, module, self._view)
+
+
+def gather_weights(pool: PagePool, spec: ModelSpec, adapter: PlacedAdapter, layer, module, view):
+    """Gather A^T [in, r] and (sB)^T [r, out] of one matrix pair into dense tensors,
+    through the same pool rows and indices the kernels read. view(width) is the
+    pool as rows of `width` elements."""
+    fan_in, fan_out = spec.module_shape(module)
+    r, g = adapter.rank, adapter.g
+    h = site_width(spec, SITE_OF[module], pool.page_elems)
+    shrink, expand = adapter.sites[SITE_OF[module]].per_module[module]
+    a = view(g).index_select(0, shrink[layer])  # [(r/g) * in, g]
+    a_t = a.view(r // g, fan_in, g).permute(1, 0, 2).reshape(fan_in, r)
+    b = view(h).index_select(0, expand[layer])  # [(out/h) * r, h]
+    b_t = b.view(fan_out // h, r, h).permute(1, 0, 2).reshape(r, fan_out)
+    return a_t, b_t
+
+
+def verify_layout(layout: PageLayout, spec: ModelSpec, packed: PackedAdapter, dtype) -> None:
+    """Place `packed` into scratch pages in scattered (descending) order and read every
+    matrix back through the kernels' index path; any difference from the packed
+    source raises AdapterIncompatible naming the layer and module.
+
+    Page ids enter the index math only as `page * page_elems`, so a layout that reads
+    back exactly from scattered scratch pages reads back exactly from any pages. The
+    check runs where adapters load (a loader thread), so a mismatch is refused like
+    any other bad adapter and costs the step thread nothing."""
+    n = packed.num_pages(layout.page_elems)
+    scratch = PagePool(layout, n + 1, dtype, "cpu")
+    placed = place_adapter(scratch, spec, packed, list(range(n, 0, -1)), key="verify")
+    views: dict[int, torch.Tensor] = {}
+
+    def view(width: int) -> torch.Tensor:
+        if width not in views:
+            views[width] = scratch.rows_view(width)
+        return views[width]
+
+    for (layer, module), (off_a, off_b) in sorted(packed.offsets.items()):
+        fan_in, fan_out = spec.module_shape(module)
+        r = packed.rank
+        a_t, b_t = gather_weights(scratch, spec, placed, layer, module, view)
+        want_a = packed.flat[off_a : off_a + fan_in * r].view(fan_in, r)
+        want_b = packed.flat[off_b : off_b + r * fan_out].view(r, fan_out)
+        if not (torch.equal(a_t, want_a) and torch.equal(b_t, want_b)):
+            log.error(
+                "adapter layout self-check failed: layer %d %s (rank %d) reads back "
+                "different weights from pages; the adapter is refused",
+                layer,
+                module,
+                r,
+            )
+            raise AdapterIncompatible(
+                f"internal layout check failed for layer {layer} {module} (rank {r}): "
+                "the weights read back from pool pages differ from the adapter's; "
+                "the adapter is refused rather than served wrong"
+            )
 
 
 def _tokens(members) -> torch.Tensor:

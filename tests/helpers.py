@@ -15,7 +15,7 @@ from lorapool.memory.allocator import PageAllocator
 from lorapool.memory.kv import BlockManager
 from lorapool.memory.peft_adapter import read_adapter
 from lorapool.memory.pool import PageLayout, PagePool
-from lorapool.server.lora import PlacedAdapter, pack_adapter, place_adapter
+from lorapool.server.lora import PlacedAdapter, pack_adapter, place_adapter, verify_layout
 from lorapool.server.model import Model
 from lorapool.server.runner import ModelRunner, ScheduledSeq
 from lorapool.server.sequence import Sequence
@@ -104,6 +104,7 @@ class Harness:
             self.pool.dtype,
             self.pool.page_elems,
         )
+        verify_layout(self.layout, self.spec, packed, self.pool.dtype)
         pages = self.pool.allocator.allocate(packed.num_pages(self.pool.page_elems))
         return place_adapter(self.pool, self.spec, packed, pages, weights.content_hash)
 
