@@ -35,16 +35,17 @@ from pathlib import Path
 
 import torch
 
-from lorapool.memory.kv import BlockManager
+from lorapool.memory.adapter_layout import pack_adapter, place_adapter
+from lorapool.memory.block_manager import BlockManager
 from lorapool.memory.peft_adapter import read_adapter
 from lorapool.memory.pool import PageLayout, PagePool
-from lorapool.server import runner as runner_mod
-from lorapool.server.attention import PagedAttention
-from lorapool.server.lora import LoraBatch, pack_adapter, place_adapter
-from lorapool.server.model import Model
-from lorapool.server.runner import ModelRunner, ScheduledSeq
-from lorapool.server.sequence import Sequence
-from lorapool.server.types import GenerationRequest, SamplingParams
+from lorapool.server.engine import runner as runner_mod
+from lorapool.server.engine.runner import ModelRunner, ScheduledSeq
+from lorapool.server.engine.sequence import Sequence
+from lorapool.server.model.attention import PagedAttention
+from lorapool.server.model.lora import LoraBatch
+from lorapool.server.model.model import Model
+from lorapool.types import GenerationRequest, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DEMO = REPO / ".cache" / "bench-demo"

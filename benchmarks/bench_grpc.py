@@ -134,7 +134,7 @@ def bench_config(args, vocab: int) -> BenchConfig:
 
 
 def engine_config(args, paths):
-    from lorapool.server.engine import EngineConfig
+    from lorapool.server.engine.engine import EngineConfig
 
     return EngineConfig(
         model_dir=str(paths.model_dir),
@@ -211,8 +211,8 @@ def summary(report: BenchReport, stats0, stats1, cpu_s: float | None) -> dict:
 
 async def engine_run(args, paths, vocab: int) -> dict:
     """The trace through an in-process Engine, measured as run_bench measures."""
-    from lorapool.server.engine import Engine
-    from lorapool.server.types import GenerationRequest, SamplingParams
+    from lorapool.server.engine.engine import Engine
+    from lorapool.types import GenerationRequest, SamplingParams
 
     config = bench_config(args, vocab)
     loop = asyncio.get_running_loop()
@@ -401,7 +401,7 @@ def median(values: list[float]) -> float:
 def main(argv=None) -> int:
     import torch
 
-    from lorapool.server.checkpoint import load_spec
+    from lorapool.server.model.checkpoint import load_spec
 
     args = parse_args(argv)
     t0 = time.perf_counter()

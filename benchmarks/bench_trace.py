@@ -64,18 +64,19 @@ from pathlib import Path
 import torch
 
 from lorapool.client.bench import make_trace, prompt_ids
+from lorapool.memory.adapter_layout import pack_adapter
 from lorapool.memory.adapters import AdapterManager
 from lorapool.memory.peft_adapter import read_adapter
 from lorapool.memory.pool import PageLayout
-from lorapool.server import runner as runner_mod
-from lorapool.server.attention import PagedAttention
-from lorapool.server.checkpoint import load_spec
-from lorapool.server.engine import Engine, EngineConfig
-from lorapool.server.lora import LoraBatch, pack_adapter
-from lorapool.server.model import Model
-from lorapool.server.runner import ModelRunner
-from lorapool.server.scheduler import Scheduler
-from lorapool.server.types import GenerationRequest, SamplingParams
+from lorapool.server.engine import runner as runner_mod
+from lorapool.server.engine.engine import Engine, EngineConfig
+from lorapool.server.engine.runner import ModelRunner
+from lorapool.server.engine.scheduler import Scheduler
+from lorapool.server.model.attention import PagedAttention
+from lorapool.server.model.checkpoint import load_spec
+from lorapool.server.model.lora import LoraBatch
+from lorapool.server.model.model import Model
+from lorapool.types import GenerationRequest, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"

@@ -2,7 +2,7 @@
 the gRPC status and the server's machine-readable reason."""
 
 from lorapool.client.client import AsyncLoraPoolClient, LoraPoolClient, LoraPoolClientError
-from lorapool.client.convert import Completion, ModelInfo, Tokenized
+from lorapool.convert import Completion, ModelInfo, Tokenized
 
 __all__ = [
     "AsyncLoraPoolClient",

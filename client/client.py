@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lorapool.client.convert import (
+from lorapool.convert import (
     Completion,
     ModelInfo,
     Tokenized,
@@ -29,7 +29,7 @@ from lorapool.client.convert import (
     model_info_from_proto,
     stats_from_proto,
 )
-from lorapool.server.types import AdapterInfo, EngineStats, SamplingParams, TokenEvent
+from lorapool.types import AdapterInfo, EngineStats, SamplingParams, TokenEvent
 from lorapool.v1 import lorapool_pb2 as pb
 from lorapool.v1 import lorapool_pb2_grpc as pb_grpc
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lorapool.client.client import DEFAULT_TARGET, LoraPoolClient, LoraPoolClientError
-from lorapool.server.types import AdapterInfo
+from lorapool.types import AdapterInfo
 
 EXIT_RPC_ERROR = 1
 EXIT_USAGE = 2

@@ -18,19 +18,18 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from lorapool.server.errors import AdapterNotFound, AdapterTooLarge, LoraPoolError
-from lorapool.server.lora import (
+from lorapool.errors import AdapterNotFound, AdapterTooLarge, LoraPoolError
+from lorapool.memory.adapter_layout import (
     PackedAdapter,
     PlacedAdapter,
     pack_adapter,
     place_adapter,
     verify_layout,
 )
-from lorapool.server.types import AdapterInfo, AdapterState
-
-from .peft_adapter import read_adapter
-from .pool import PagePool
-from .sources import SourceRegistry
+from lorapool.memory.peft_adapter import read_adapter
+from lorapool.memory.pool import PagePool
+from lorapool.memory.sources import SourceRegistry
+from lorapool.types import AdapterInfo, AdapterState
 
 
 @dataclass

@@ -15,8 +15,8 @@ import xxhash
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 
-from lorapool.server.checkpoint import LINEAR_MODULES, ModelSpec
-from lorapool.server.errors import AdapterIncompatible, AdapterNotFound
+from lorapool.errors import AdapterIncompatible, AdapterNotFound
+from lorapool.spec import LINEAR_MODULES, ModelSpec
 
 _KEY = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\."

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocator import PageAllocator
+from lorapool.memory.allocator import PageAllocator
 
 # Pages and packed adapter matrices start at multiples of ALIGN elements (cache
 # lines and vector loads stay aligned). Whatever must also hold for another width

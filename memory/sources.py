@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from lorapool.server.errors import AdapterNotFound, SourceUnavailable
+from lorapool.errors import AdapterNotFound, SourceUnavailable
 
 
 class AdapterSource(Protocol):

@@ -20,7 +20,7 @@ async def make_engine(tiny_demo):
     """Factory: `await make_engine(pool_pages=..., **EngineConfig fields)` returns a
     started Engine on the tiny demo; every engine is stopped at teardown. pool_pages
     sizes the pool in pages instead of MiB."""
-    from lorapool.server.engine import Engine, EngineConfig
+    from lorapool.server.engine.engine import Engine, EngineConfig
 
     engines = []
 
@@ -83,7 +83,7 @@ class ServerThread:
 
     @staticmethod
     async def _create(config):
-        from lorapool.server.app import LoraPoolServer
+        from lorapool.server.transport.app import LoraPoolServer
 
         return LoraPoolServer(config)  # grpc.aio wants the server made on its loop
 
@@ -115,8 +115,8 @@ def start_server(tiny_demo):
     """Factory: `start_server(engine={EngineConfig overrides}, **ServerConfig fields)`
     returns a started ServerThread on the tiny demo (port 0 picks a free port);
     every server of the module is stopped at teardown."""
-    from lorapool.server.app import ServerConfig
-    from lorapool.server.engine import EngineConfig
+    from lorapool.server.engine.engine import EngineConfig
+    from lorapool.server.transport.app import ServerConfig
 
     servers: list[ServerThread] = []
 

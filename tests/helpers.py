@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import lorapool.server.runner as runner_module
+import lorapool.server.engine.runner as runner_module
+from lorapool.memory.adapter_layout import PlacedAdapter, pack_adapter, place_adapter, verify_layout
 from lorapool.memory.allocator import PageAllocator
-from lorapool.memory.kv import BlockManager
+from lorapool.memory.block_manager import BlockManager
 from lorapool.memory.peft_adapter import read_adapter
 from lorapool.memory.pool import PageLayout, PagePool
-from lorapool.server.lora import PlacedAdapter, pack_adapter, place_adapter, verify_layout
-from lorapool.server.model import Model
-from lorapool.server.runner import ModelRunner, ScheduledSeq
-from lorapool.server.sequence import Sequence
-from lorapool.server.types import GenerationRequest, SamplingParams
+from lorapool.server.engine.runner import ModelRunner, ScheduledSeq
+from lorapool.server.engine.sequence import Sequence
+from lorapool.server.model.model import Model
+from lorapool.types import GenerationRequest, SamplingParams
 
 BLOCK_SIZE = 16
 

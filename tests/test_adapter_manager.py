@@ -8,7 +8,7 @@ import torch
 from lorapool.memory.adapters import AdapterManager, AdapterState
 from lorapool.memory.pool import PageLayout, PagePool
 from lorapool.memory.sources import SourceRegistry
-from lorapool.server.checkpoint import load_spec
+from lorapool.server.model.checkpoint import load_spec
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from hypothesis.stateful import (
 )
 
 from lorapool.memory.allocator import DoubleFree, ForeignPage, OutOfPages, PageAllocator, PageError
-from lorapool.memory.kv import BlockManager
-from lorapool.server.sequence import Sequence
-from lorapool.server.types import GenerationRequest
+from lorapool.memory.block_manager import BlockManager
+from lorapool.server.engine.sequence import Sequence
+from lorapool.types import GenerationRequest
 
 BS = 4  # block size of the BlockManager tests
 

@@ -35,7 +35,7 @@ from lorapool.client.bench import (
     prompt_text,
     run_bench,
 )
-from lorapool.client.convert import (
+from lorapool.convert import (
     adapter_info_from_proto,
     adapter_info_to_proto,
     error_info,
@@ -50,8 +50,8 @@ from lorapool.client.convert import (
     stats_to_proto,
     status_for_error,
 )
-from lorapool.server.errors import AdapterNotFound, InvalidRequest, LoraPoolError, QueueFull
-from lorapool.server.types import (
+from lorapool.errors import AdapterNotFound, InvalidRequest, LoraPoolError, QueueFull
+from lorapool.types import (
     AdapterInfo,
     AdapterState,
     EngineStats,

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorapool.server.detok import IncrementalDetokenizer
+from lorapool.server.engine.detok import IncrementalDetokenizer
 
 MULTIBYTE = "naïve café 東京 😀"
 ALPHABET = "ab cdé\nï東京タワー😀🎉ñ.,"

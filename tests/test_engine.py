@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorapool.server.errors import (
+from lorapool.errors import (
     AdapterIncompatible,
     AdapterNotFound,
     AdapterTooLarge,
@@ -22,7 +22,7 @@ from lorapool.server.errors import (
     LoraPoolError,
     QueueFull,
 )
-from lorapool.server.types import (
+from lorapool.types import (
     AdapterState,
     FinishReason,
     GenerationRequest,

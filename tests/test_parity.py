@@ -17,9 +17,9 @@ import pytest
 import torch
 from helpers import Harness, Reference, Row, random_prompt
 
-from lorapool.memory.kv import BlockManager
+from lorapool.memory.block_manager import BlockManager
 from lorapool.memory.peft_adapter import read_adapter
-from lorapool.server.model import Model
+from lorapool.server.model.model import Model
 
 N_ADAPTERS = 6  # demo adapters 0..5
 POOL_PAGES = 140

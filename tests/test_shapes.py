@@ -222,12 +222,12 @@ async def test_a_layout_that_reads_back_wrong_is_refused(tmp_path, monkeypatch, 
     shape reads back wrong weights from its pages: the load is refused with
     FAILED_PRECONDITION naming the layer and module, an error is logged, and no
     page or host copy is kept. Without the fault the same adapter loads."""
-    import lorapool.server.lora as lora
+    import lorapool.memory.adapter_layout as layout_module
+    from lorapool.errors import AdapterIncompatible
     from lorapool.memory.adapters import AdapterManager
     from lorapool.memory.pool import ALIGN, PagePool
     from lorapool.memory.sources import SourceRegistry
-    from lorapool.server.checkpoint import load_spec
-    from lorapool.server.errors import AdapterIncompatible
+    from lorapool.server.model.checkpoint import load_spec
 
     shape = Shape("llama", 96, 16, 6, 3, 200, 300, 2, 16)
     config = model_config(shape)
@@ -239,7 +239,7 @@ async def test_a_layout_that_reads_back_wrong_is_refused(tmp_path, monkeypatch, 
     manager = AdapterManager(SourceRegistry(), pool, spec, host_cache_bytes=2**30)
     try:
         with monkeypatch.context() as patch:
-            patch.setattr(lora, "alignment", lambda width: max(ALIGN, width))
+            patch.setattr(layout_module, "alignment", lambda width: max(ALIGN, width))
             entry = manager.entry("broken", str(adapter))
             with pytest.raises(AdapterIncompatible) as exc:
                 await manager.ensure_host(entry)

@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from lorapool.server.errors import InvalidRequest, LoraPoolError
-from lorapool.server.types import (
+from lorapool.errors import InvalidRequest, LoraPoolError
+from lorapool.types import (
     AdapterInfo,
     AdapterState,
     EngineStats,
@@ -284,7 +284,7 @@ def error_status(
 
 
 def status_for_error(exc: LoraPoolError) -> tuple[grpc.StatusCode, str, tuple]:
-    """The status a typed engine error maps to (see lorapool.server.errors)."""
+    """The status a typed engine error maps to (see lorapool.errors)."""
     return error_status(grpc.StatusCode[exc.status], str(exc) or exc.reason, exc.reason)
 
 

@@ -20,7 +20,7 @@ from collections import OrderedDict
 import numpy as np
 import xxhash
 
-from .allocator import PageAllocator
+from lorapool.memory.allocator import PageAllocator
 
 
 def block_hash(prev: int, adapter_key: str, tokens) -> int:

@@ -14,12 +14,11 @@ import time
 
 import grpc
 
-from lorapool.client import convert
+from lorapool import convert
+from lorapool.errors import Draining, InvalidRequest, LoraPoolError
+from lorapool.server.transport.metrics import Metrics
 from lorapool.v1 import lorapool_pb2 as pb
 from lorapool.v1 import lorapool_pb2_grpc as pb_grpc
-
-from .errors import Draining, InvalidRequest, LoraPoolError
-from .metrics import Metrics
 
 log = logging.getLogger("lorapool.service")
 

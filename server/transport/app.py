@@ -21,11 +21,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from lorapool.server.transport.metrics import Metrics
+from lorapool.server.transport.servicer import ApiKeyInterceptor, LoraPoolServicer
 from lorapool.v1 import lorapool_pb2 as pb
 from lorapool.v1 import lorapool_pb2_grpc as pb_grpc
-
-from .metrics import Metrics
-from .service import ApiKeyInterceptor, LoraPoolServicer
 
 log = logging.getLogger("lorapool.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoraPoolService"].full_name
@@ -72,7 +71,7 @@ class LoraPoolServer:
 
     async def start(self) -> int:
         """Open the port, load the model, start the engine. Returns the port."""
-        from .engine import Engine
+        from lorapool.server.engine.engine import Engine
 
         c = self.config
         address = f"{c.host}:{c.port}"
@@ -177,11 +176,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def config_from_args(args) -> ServerConfig:
-    from .engine import EngineConfig
+    from lorapool.server.engine.engine import EngineConfig
 
     model, adapters = args.model, list(args.adapters)
     if model is None:
-        from .demo import default_demo_dir, make_demo
+        from lorapool.server.demo import default_demo_dir, make_demo
 
         demo = make_demo(default_demo_dir(), preset="tiny", n_adapters=8)
         model = str(demo.model_dir)

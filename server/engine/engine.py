@@ -19,18 +19,17 @@ from pathlib import Path
 
 import torch
 
+from lorapool.errors import AdapterNotFound, Draining, InvalidRequest, LoraPoolError, QueueFull
 from lorapool.memory.adapters import AdapterManager
-from lorapool.memory.kv import BlockManager
+from lorapool.memory.block_manager import BlockManager
 from lorapool.memory.pool import PageLayout, PagePool
 from lorapool.memory.sources import SourceRegistry
-
-from .detok import IncrementalDetokenizer
-from .errors import AdapterNotFound, Draining, InvalidRequest, LoraPoolError, QueueFull
-from .model import Model
-from .runner import ModelRunner, ScheduledSeq
-from .scheduler import Scheduler, SchedulerConfig, StepPlan
-from .sequence import Sequence, Status
-from .types import (
+from lorapool.server.engine.detok import IncrementalDetokenizer
+from lorapool.server.engine.runner import ModelRunner, ScheduledSeq
+from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from lorapool.server.engine.sequence import Sequence, Status
+from lorapool.server.model.model import Model
+from lorapool.types import (
     AdapterInfo,
     EngineStats,
     FinishReason,
@@ -505,7 +504,7 @@ class Engine:
         infos = {e.adapter_id: self.adapters.info(e) for e in self.adapters.entries.values()}
         for adapter_id, uri in self.registry.listable().items():
             if adapter_id not in infos:
-                from .types import AdapterState
+                from lorapool.types import AdapterState
 
                 infos[adapter_id] = AdapterInfo(adapter_id, AdapterState.KNOWN, source=uri)
         return [infos[k] for k in sorted(infos)]

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .attention import AttentionMeta, PagedAttention
-from .checkpoint import ModelSpec, load_spec, load_tensors
-from .lora import LoraBatch
+from lorapool.server.model.attention import AttentionMeta, PagedAttention
+from lorapool.server.model.checkpoint import load_spec, load_tensors
+from lorapool.server.model.lora import LoraBatch
+from lorapool.spec import ModelSpec
 
 
 @dataclass

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+from lorapool.memory.adapter_layout import PlacedAdapter
 from lorapool.memory.pool import PagePool
-
-from .attention import PagedAttention, build_meta
-from .lora import DENSE_SEGMENT_TOKENS, LoraBatch, PlacedAdapter
-from .model import Model
-from .sampling import sample
-from .types import TokenLogprob
+from lorapool.server.engine.sampling import sample
+from lorapool.server.model.attention import PagedAttention, build_meta
+from lorapool.server.model.lora import DENSE_SEGMENT_TOKENS, LoraBatch
+from lorapool.server.model.model import Model
+from lorapool.types import TokenLogprob
 
 
 @dataclass

@@ -5,53 +5,16 @@ model.safetensors or shards listed in model.safetensors.index.json."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from lorapool.spec import ModelSpec
+
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
-# The linear modules a LoRA adapter may target, with their (in, out) widths.
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 UNSUPPORTED_ROPE = {"dynamic", "longrope"}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the runner needs to know about the architecture."""
-
-    arch: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_position: int
-    attention_bias: bool
-    tie_word_embeddings: bool
-    bos_token_id: int | None
-    eos_token_ids: tuple[int, ...]
-    sliding_window: int | None = None
-    hf_config: object = field(default=None, compare=False, repr=False)
-
-    def module_shape(self, module: str) -> tuple[int, int]:
-        """(in_features, out_features) of a targetable linear module."""
-        h, i = self.hidden_size, self.intermediate_size
-        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }[module]
 
 
 def load_spec(model_dir: str | Path) -> ModelSpec:

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .types import FinishReason, GenerationRequest, SamplingParams
+from lorapool.types import FinishReason, GenerationRequest, SamplingParams
 
 
 class Status(enum.Enum):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .types import TokenLogprob
+from lorapool.types import TokenLogprob
 
 _shared = torch.Generator()
 _shared.seed()

@@ -24,10 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lorapool.memory.adapters import AdapterEntry, AdapterManager
-from lorapool.memory.kv import BlockManager
-from lorapool.server.types import AdapterState
-
-from .sequence import Sequence, Status
+from lorapool.memory.block_manager import BlockManager
+from lorapool.server.engine.sequence import Sequence, Status
+from lorapool.types import AdapterState
 
 
 @dataclass
@@ -253,7 +252,7 @@ class Scheduler:
 
 
 def _too_big(seq: Sequence, need: int, total: int) -> Exception:
-    from .errors import InvalidRequest
+    from lorapool.errors import InvalidRequest
 
     return InvalidRequest(
         f"request {seq.request_id} needs {need} pages (prompt + max_new_tokens + adapter) but "
