@@ -112,6 +112,11 @@ class AdapterManager:
             return AdapterState.LOADING
         return AdapterState.KNOWN
 
+    def needs_load(self, e: AdapterEntry) -> bool:
+        """Neither in host memory, nor in the pool, nor loading: a request for it
+        waits until ensure_host starts a load."""
+        return self.state(e) is AdapterState.KNOWN
+
     def resident(self, e: AdapterEntry) -> Resident | None:
         return self.device.get(e.content_hash) if e.content_hash else None
 
@@ -211,6 +216,10 @@ class AdapterManager:
         with self._lock:
             self.device[e.content_hash] = Resident(placed)
             self.reserved.pop(e.content_hash, None)
+
+    def placed(self, key: str) -> PlacedAdapter | None:
+        """The pages of the resident adapter with content `key`; None for "" (base)."""
+        return self.device[key].placed if key else None
 
     @property
     def device_pages(self) -> int:

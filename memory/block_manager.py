@@ -51,10 +51,7 @@ class BlockManager:
 
     @property
     def cached_pages(self) -> int:
-        return len(self.idle)
-
-    @property
-    def reclaimable(self) -> int:
+        """Idle cached blocks: what evict_cached can free now."""
         return len(self.idle)
 
     # -- prefix cache ------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Test harness for the engine core: drives ModelRunner directly (no scheduler, no
-event loop) and computes the transformers + PEFT reference on the same files."""
+"""Test harness for the engine core: drives ModelRunner directly (the test chooses
+each step's batch and chunks, no event loop; the scheduler only advances sequences
+by each step's output) and computes the transformers + PEFT reference on the same
+files."""
 
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ import torch
 
 import lorapool.server.engine.runner as runner_module
 from lorapool.memory.adapter_layout import PlacedAdapter, pack_adapter, place_adapter, verify_layout
+from lorapool.memory.adapters import AdapterManager
 from lorapool.memory.allocator import PageAllocator
 from lorapool.memory.block_manager import BlockManager
 from lorapool.memory.peft_adapter import read_adapter
 from lorapool.memory.pool import PageLayout, PagePool
-from lorapool.server.engine.runner import ModelRunner, ScheduledSeq
-from lorapool.server.engine.sequence import Sequence
+from lorapool.memory.sources import SourceRegistry
+from lorapool.server.engine.runner import ModelRunner
+from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig
+from lorapool.server.engine.sequence import ScheduledSeq, Sequence
 from lorapool.server.model.model import Model
 from lorapool.types import GenerationRequest, SamplingParams
 
@@ -93,6 +98,9 @@ class Harness:
         self.blocks = BlockManager(self.pool.allocator, block_size, enable_prefix_cache=False)
         self.adapters: list[PlacedAdapter] = [self.place(d) for d in adapter_dirs]
         self.runner = ModelRunner(self.model, self.pool, dense_lora_tokens)
+        # The harness places its adapters itself (in scattered pages); this manager
+        # only completes the scheduler, which here just advances sequences.
+        self.adapter_manager = AdapterManager(SourceRegistry(), self.pool, spec, 0)
 
     def place(self, adapter_dir: Path) -> PlacedAdapter:
         weights = read_adapter(adapter_dir, self.spec)
@@ -115,6 +123,7 @@ class Harness:
         every row's pages are freed at the end (blocks committed to a prefix cache
         stay cached there)."""
         blocks = self.blocks if blocks is None else blocks
+        scheduler = Scheduler(SchedulerConfig(), blocks, self.adapter_manager)
         free_before = self.pool.allocator.free_count + blocks.cached_pages
         seqs = []
         for i, row in enumerate(rows):
@@ -139,18 +148,15 @@ class Harness:
                         assert 0 < n <= seq.num_pending
                         blocks.allocate(seq, n)
                         adapter = None if row.adapter is None else self.adapters[row.adapter]
-                        batch.append(ScheduledSeq(seq, n, adapter))
+                        batch.append(ScheduledSeq(seq, n, adapter, seq.adapter_key))
                     if not batch:
                         break
                     result = self.runner.step(batch)
+                    scheduler.postprocess(batch, result.sampled)
                     sampled = {id(seq) for seq, _, _ in result.sampled}
                     for item in batch:
-                        item.seq.num_computed += item.num_tokens
-                        blocks.commit(item.seq)
                         if id(item.seq) not in sampled:
                             results[seqs.index(item.seq)].steps_without_logits += 1
-                    for seq, token, _ in result.sampled:
-                        seq.output_ids.append(token)
             for seq, res in zip(seqs, results, strict=True):
                 res.tokens = list(seq.output_ids)
                 res.logits = seen.get(seq.request_id, [])

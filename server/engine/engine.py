@@ -25,7 +25,7 @@ from lorapool.memory.block_manager import BlockManager
 from lorapool.memory.pool import PageLayout, PagePool
 from lorapool.memory.sources import SourceRegistry
 from lorapool.server.engine.detok import IncrementalDetokenizer
-from lorapool.server.engine.runner import ModelRunner, ScheduledSeq
+from lorapool.server.engine.runner import ModelRunner
 from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from lorapool.server.engine.sequence import Sequence, Status
 from lorapool.server.model.model import Model
@@ -341,15 +341,9 @@ class Engine:
     def _execute(self, plan: StepPlan):
         for entry, pages in plan.placements:
             self.adapters.place(entry, pages)
-        batch = [
-            ScheduledSeq(
-                s.seq,
-                s.num_tokens,
-                self.adapters.device[s.adapter_key].placed if s.adapter_key else None,
-            )
-            for s in plan.batch
-        ]
-        return self.runner.step(batch)
+        for item in plan.batch:
+            item.adapter = self.adapters.placed(item.adapter_key)
+        return self.runner.step(plan.batch)
 
     def _postprocess(self, plan: StepPlan, result) -> None:
         now = time.monotonic()
@@ -358,15 +352,9 @@ class Engine:
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
                 self.prefix_hit_tokens += seq.num_cached_prompt
-            seq.num_computed += item.num_tokens
-            self.blocks.commit(seq)
-        produced = 0
-        for seq, token, logprob in result.sampled:
-            req = self._requests.get(seq.request_id)
-            if req is None or req.aborted or req.done:
-                continue
-            produced += 1
-            seq.output_ids.append(token)
+        appended = self.scheduler.postprocess(plan.batch, result.sampled, accept=self._streaming)
+        for seq, token, logprob in appended:
+            req = self._requests[seq.request_id]
             if seq.first_token_at is None:
                 seq.first_token_at = now
             reason = self._finish_reason(seq, token, req)
@@ -379,8 +367,13 @@ class Engine:
                 self._finish(req, reason, event)
             else:
                 req.queue.put_nowait(event)
-        self.generated_tokens += produced
-        self._recent.append((now, produced))
+        self.generated_tokens += len(appended)
+        self._recent.append((now, len(appended)))
+
+    def _streaming(self, seq: Sequence) -> bool:
+        """Whether a sampled token of seq still goes to its stream (not aborted or done)."""
+        req = self._requests.get(seq.request_id)
+        return req is not None and not req.aborted and not req.done
 
     def _finish_reason(self, seq: Sequence, token: int, req: _Request) -> FinishReason:
         p = seq.params
@@ -439,7 +432,7 @@ class Engine:
         """A waiting request whose adapter lost its host copy triggers a new load."""
         for seq in self.scheduler.waiting:
             e = seq.adapter_entry
-            if e is not None and self.adapters.state(e).name == "KNOWN":
+            if e is not None and self.adapters.needs_load(e):
                 fut = self.adapters.ensure_host(e)
                 if not fut.done():
                     fut.add_done_callback(lambda f, e=e: self._on_loaded(e, f))
@@ -449,14 +442,13 @@ class Engine:
             entry, fut = self._pin_queue.pop(0)
             try:
                 if self.adapters.resident(entry) is None:
-                    need = self.adapters.pages_needed(entry)
-                    if not self.scheduler._make_room(need, set(), set(), preempt=False):
+                    pages = self.scheduler.reserve_adapter(entry)
+                    if pages is None:
                         raise QueueFull(
-                            f"adapter {entry.adapter_id!r} needs {need} pages; the pool has no "
+                            f"adapter {entry.adapter_id!r} needs "
+                            f"{self.adapters.pages_needed(entry)} pages; the pool has no "
                             "idle memory to give it now"
                         )
-                    pages = self.pool.allocator.allocate(need)
-                    self.adapters.reserve(entry.content_hash, pages)
                     try:
                         await loop.run_in_executor(
                             self._executor, self.adapters.place, entry, pages

@@ -10,20 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lorapool.memory.adapter_layout import PlacedAdapter
 from lorapool.memory.pool import PagePool
 from lorapool.server.engine.sampling import sample
+from lorapool.server.engine.sequence import ScheduledSeq
 from lorapool.server.model.attention import PagedAttention, build_meta
 from lorapool.server.model.lora import DENSE_SEGMENT_TOKENS, LoraBatch
 from lorapool.server.model.model import Model
 from lorapool.types import TokenLogprob
-
-
-@dataclass
-class ScheduledSeq:
-    seq: object  # Sequence
-    num_tokens: int  # tokens to compute this step
-    adapter: PlacedAdapter | None
 
 
 @dataclass

@@ -17,16 +17,27 @@ that has waited `starvation_steps` steps and is the oldest such request is admit
 first in the next step, preempting running sequences if the slots or the pool are
 full; so it starts within starvation_steps + k + 1 steps, k being the starving
 requests ahead of it (0 unless the server is overloaded).
+
+The step contract: `schedule` plans a step (which sequences compute how many
+tokens, which adapters are placed first), the runner computes it, and
+`postprocess` advances the sequences by its output (tokens computed, full blocks
+cached, sampled tokens appended). Finishing a sequence stays the caller's
+decision (`finish`), as do detokenization and streaming.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
 from lorapool.memory.adapters import AdapterEntry, AdapterManager
 from lorapool.memory.block_manager import BlockManager
-from lorapool.server.engine.sequence import Sequence, Status
-from lorapool.types import AdapterState
+from lorapool.server.engine.sequence import ScheduledSeq, Sequence, Status
+from lorapool.types import AdapterState, TokenLogprob
+
+# What the runner samples: (sequence, token id, logprob or None), one per sequence
+# that reached the end of its known tokens in the step.
+Sampled = tuple[Sequence, int, TokenLogprob | None]
 
 
 @dataclass
@@ -38,15 +49,8 @@ class SchedulerConfig:
 
 
 @dataclass
-class Scheduled:
-    seq: Sequence
-    num_tokens: int
-    adapter_key: str  # "" for the base model
-
-
-@dataclass
 class StepPlan:
-    batch: list[Scheduled] = field(default_factory=list)
+    batch: list[ScheduledSeq] = field(default_factory=list)
     placements: list[tuple[AdapterEntry, object]] = field(default_factory=list)  # (entry, pages)
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
 
@@ -148,20 +152,25 @@ class Scheduler:
         seq.adapter_key = key
         self.blocks.match_prefix(seq)
         n = min(seq.num_pending, step.budget)
-        need = need_adapter + self.blocks.blocks_needed(seq, n)
+        need_kv = self.blocks.blocks_needed(seq, n)
+        need = need_adapter + need_kv
         if need > self.allocator.num_pages:
             self.blocks.free(seq)
             plan.failed.append((seq, _too_big(seq, need, self.allocator.num_pages)))
             self.waiting.remove(seq)
             return False
-        if not self._make_room(need, step.scheduled, step.keep | {key}, preempt=preempt):
-            self.blocks.free(seq)
-            return False
         if need_adapter:
-            pages = self.allocator.allocate(need_adapter)
-            self.adapters.reserve(key, pages)
+            pages = self.reserve_adapter(
+                entry, need_kv, protect=step.scheduled, keep=step.keep, preempt=preempt
+            )
+            if pages is None:
+                self.blocks.free(seq)
+                return False
             step.placing[key] = pages
             plan.placements.append((entry, pages))
+        elif not self._make_room(need, step.scheduled, step.keep | {key}, preempt=preempt):
+            self.blocks.free(seq)
+            return False
         self.blocks.allocate(seq, n)
         self.waiting.remove(seq)
         self.running.append(seq)
@@ -172,10 +181,60 @@ class Scheduler:
         return True
 
     def _schedule(self, plan: StepPlan, step: _StepState, seq: Sequence, n: int) -> None:
-        plan.batch.append(Scheduled(seq, n, seq.adapter_key))
+        plan.batch.append(ScheduledSeq(seq, n, adapter_key=seq.adapter_key))
         step.scheduled.add(id(seq))
         step.keep.add(seq.adapter_key)
         step.budget -= n
+
+    def postprocess(
+        self,
+        batch: list[ScheduledSeq],
+        sampled: list[Sampled],
+        accept: Callable[[Sequence], bool] | None = None,
+    ) -> list[Sampled]:
+        """Advance sequences by the output of the step that computed `batch`: each
+        scheduled sequence has num_tokens more tokens computed and its newly full
+        blocks join the prefix cache; then each sampled token is appended to its
+        sequence, unless accept(seq) is false (the engine passes a check that drops
+        the tokens of requests aborted or finished meanwhile). Returns the sampled
+        entries whose token was appended, in order. Whether a sequence finishes is
+        the caller's decision (`finish`)."""
+        for item in batch:
+            item.seq.num_computed += item.num_tokens
+            self.blocks.commit(item.seq)
+        appended = []
+        for out in sampled:
+            seq, token = out[0], out[1]
+            if accept is not None and not accept(seq):
+                continue
+            seq.output_ids.append(token)
+            appended.append(out)
+        return appended
+
+    def reserve_adapter(
+        self,
+        entry: AdapterEntry,
+        extra_pages: int = 0,
+        protect: Set[int] = frozenset(),
+        keep: Set[str] = frozenset(),
+        preempt: bool = False,
+    ):
+        """Reserve pool pages for placing `entry` (its host copy must be loaded):
+        make room for them plus `extra_pages` that the caller allocates next (the KV
+        of the request that needs the adapter), then allocate the adapter's pages
+        and reserve them in the adapter manager. Room comes from idle prefix-cache
+        blocks (LRU), then idle adapters (LRU; never pinned, used by a running
+        sequence, or in `keep`), then, with `preempt`, from preempting running
+        sequences (lowest priority, newest first) whose ids are not in `protect`.
+        Returns the pages, or None with nothing allocated (caches may have been
+        trimmed) when the room cannot be made."""
+        key = entry.content_hash
+        need = self.adapters.pages_needed(entry)
+        if not self._make_room(need + extra_pages, protect, keep | {key}, preempt=preempt):
+            return None
+        pages = self.allocator.allocate(need)
+        self.adapters.reserve(key, pages)
+        return pages
 
     def after_step(self) -> None:
         """Keep a free-page watermark by reclaiming idle memory ahead of need."""
@@ -219,7 +278,7 @@ class Scheduler:
         short = need - self.allocator.free_count
         if short <= 0:
             return True
-        reclaimable = self.blocks.reclaimable + self.adapters.idle_pages(keep | self._in_use())
+        reclaimable = self.blocks.cached_pages + self.adapters.idle_pages(keep | self._in_use())
         if not preempt and short > reclaimable:
             return False  # do not flush caches for an admission that cannot happen
         short -= self.blocks.evict_cached(short)

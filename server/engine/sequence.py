@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import enum
 import time
+from dataclasses import dataclass
 
 import torch
 
+from lorapool.memory.adapter_layout import PlacedAdapter
 from lorapool.types import FinishReason, GenerationRequest, SamplingParams
 
 
@@ -67,3 +69,14 @@ class Sequence:
             f"Sequence({self.request_id!r}, adapter={self.adapter_id!r}, {self.status.value}, "
             f"computed={self.num_computed}/{self.num_tokens}, blocks={len(self.block_table)})"
         )
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence of a step: the scheduler plans it (seq, num_tokens, adapter_key),
+    the engine fills in the placed adapter before the runner computes it."""
+
+    seq: Sequence
+    num_tokens: int  # tokens to compute this step
+    adapter: PlacedAdapter | None = None  # pages of the adapter, None for the base model
+    adapter_key: str = ""  # content identity of the adapter, "" for the base model
