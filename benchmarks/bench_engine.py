@@ -138,7 +138,7 @@ class OtherLoad:
 
 
 def load_demo(demo_dir: Path):
-    from lorapool.server.demo import make_demo
+    from lorapool.demo import make_demo
 
     t0 = time.perf_counter()
     paths = make_demo(demo_dir, preset="bench", n_adapters=DEMO_ADAPTERS, mix="bench", seed=0)

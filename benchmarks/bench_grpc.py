@@ -96,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def demo(args):
     """The bench demo with at least --adapters adapters: any bench demo already in
     the cache that has enough is reused; otherwise one is written."""
-    from lorapool.server.demo import STAMP_VERSION, make_demo
+    from lorapool.demo import STAMP_VERSION, make_demo
 
     for stamp in sorted(args.cache_dir.glob("*/demo.json")):
         try:

@@ -158,7 +158,7 @@ def pct(values: list[float], q: float) -> float | None:
 
 def demo_for(n: int, cache: Path):
     """A bench demo with at least n adapters: reuse any larger one, else write one."""
-    from lorapool.server.demo import make_demo
+    from lorapool.demo import make_demo
 
     best = None
     for stamp in sorted(cache.glob(f"{DEMO_PREFIX}*/demo.json")):

@@ -10,7 +10,7 @@ DEMO_ADAPTERS = 20
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
     """The tiny demo model and DEMO_ADAPTERS adapters (adapter-000 ... adapter-019)."""
-    from lorapool.server.demo import make_demo
+    from lorapool.demo import make_demo
 
     return make_demo(tmp_path_factory.mktemp("demo"), preset="tiny", n_adapters=DEMO_ADAPTERS)
 
@@ -45,7 +45,7 @@ async def make_engine(tiny_demo):
 @pytest.fixture(scope="session")
 def tiny_qwen2_demo(tmp_path_factory):
     """The tiny demo as Qwen2 (q/k/v biases, tied embeddings) with 6 adapters."""
-    from lorapool.server.demo import make_demo
+    from lorapool.demo import make_demo
 
     return make_demo(
         tmp_path_factory.mktemp("demo-qwen2"), preset="tiny", arch="qwen2", n_adapters=6

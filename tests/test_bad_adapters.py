@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorapool.demo import write_adapter
 from lorapool.errors import AdapterIncompatible, AdapterNotFound, AdapterTooLarge
 from lorapool.memory.adapter_layout import pack_adapter, place_adapter
 from lorapool.memory.adapters import AdapterManager
@@ -19,7 +20,6 @@ from lorapool.memory.allocator import OutOfPages
 from lorapool.memory.peft_adapter import read_adapter
 from lorapool.memory.pool import PageLayout, PagePool
 from lorapool.memory.sources import SourceRegistry
-from lorapool.server.demo import write_adapter
 from lorapool.server.model.checkpoint import load_spec
 
 GOOD = 2  # demo adapter 2: rank 16, rslora, all seven modules

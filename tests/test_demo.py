@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from lorapool.server import demo
+from lorapool import demo
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -288,6 +288,25 @@ def test_default_demo_dir(monkeypatch, tmp_path):
     assert demo.default_demo_dir() == tmp_path / "x"
     monkeypatch.delenv("LORAPOOL_DEMO_DIR")
     assert demo.default_demo_dir().parts[-2:] in ((".cache", "demo"), ("lorapool", "demo"))
+
+
+def test_serve_without_model_says_it_serves_the_demo(monkeypatch, capsys, llama):
+    import argparse
+
+    from lorapool.server.transport import app
+
+    parser = argparse.ArgumentParser()
+    app.add_arguments(parser, "serve")
+    monkeypatch.setenv("LORAPOOL_DEMO_DIR", str(llama.root))  # same parameters: reused
+    config = app.config_from_args(parser.parse_args([]))
+    assert config.engine.model_dir == str(llama.model_dir)
+    assert config.engine.adapter_dirs == [str(llama.adapters_dir)]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "random-init demo model" in err[0]
+    assert str(llama.root) in err[0] and "--model PATH" in err[0]
+
+    app.config_from_args(parser.parse_args(["--model", str(llama.model_dir)]))
+    assert capsys.readouterr().err == ""
 
 
 def test_rejects_unknown_choices(tmp_path):

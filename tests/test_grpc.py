@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from lorapool.client import AsyncLoraPoolClient, LoraPoolClient, LoraPoolClientError
 from lorapool.client.bench import make_trace
 from lorapool.convert import error_info
-from lorapool.server.demo import write_adapter
+from lorapool.demo import write_adapter
 from lorapool.types import FinishReason, GenerationRequest, SamplingParams
 from lorapool.v1 import lorapool_pb2 as pb
 from lorapool.v1 import lorapool_pb2_grpc as pb_grpc

@@ -201,7 +201,7 @@ def test_prefix_cache_hits_give_the_same_logits(case):
 def test_any_rank_that_fits_matches_peft(case, tmp_path):
     """No rank cap and no padding to a maximum rank: a rank above the page
     alignment and an odd rank of 3 both run exactly, in one batch."""
-    from lorapool.server.demo import ALL_MODULES, write_adapter
+    from lorapool.demo import ALL_MODULES, write_adapter
 
     _, demo, _, _ = case
     config = json.loads((demo.model_dir / "config.json").read_text())
@@ -251,7 +251,7 @@ def test_config_defaults_follow_peft(case, tmp_path):
 
 @pytest.fixture(scope="module")
 def sharded(case, tmp_path_factory):
-    from lorapool.server.demo import make_demo
+    from lorapool.demo import make_demo
 
     arch = case[0]
     return make_demo(

@@ -23,8 +23,8 @@ from helpers import Harness, Reference, Row, random_prompt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lorapool.demo import ALL_MODULES, write_adapter, write_checkpoint
 from lorapool.memory.pool import PageLayout
-from lorapool.server.demo import ALL_MODULES, write_adapter, write_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 REL_TOL = 1e-4  # of the logits' standard deviation, as in test_parity
@@ -130,7 +130,7 @@ def check_parity(tmp_path, shape: Shape, adapters: list[AdapterDraw], seed: int 
 
 def pages_needed(layout: PageLayout, config, adapters: list[AdapterDraw]) -> int:
     """Enough pages for every adapter (plus alignment slack) and the rows' KV."""
-    from lorapool.server.demo import module_shapes
+    from lorapool.demo import module_shapes
 
     shapes = module_shapes(config.to_dict())
     elems = 0

@@ -142,7 +142,12 @@ class LoraPoolServer:
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     env = os.environ.get
-    parser.add_argument("--model", help="HF checkpoint dir (default: the embedded demo model)")
+    parser.add_argument(
+        "--model",
+        help="HF checkpoint dir to serve (default: the embedded random-init tiny demo model "
+        "and 8 adapters, written first if missing to $LORAPOOL_DEMO_DIR, else "
+        "<repo>/.cache/demo or ~/.cache/lorapool/demo)",
+    )
     parser.add_argument(
         "--adapters",
         action="append",
@@ -180,9 +185,18 @@ def config_from_args(args) -> ServerConfig:
 
     model, adapters = args.model, list(args.adapters)
     if model is None:
-        from lorapool.server.demo import default_demo_dir, make_demo
+        import sys
 
-        demo = make_demo(default_demo_dir(), preset="tiny", n_adapters=8)
+        from lorapool.demo import default_demo_dir, make_demo
+
+        demo_dir = default_demo_dir()
+        print(
+            f"lorapool serve: no --model, so serving the embedded random-init demo model from "
+            f"{demo_dir} (writing it first if missing); --model PATH serves a real checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        demo = make_demo(demo_dir, preset="tiny", n_adapters=8)
         model = str(demo.model_dir)
         adapters = adapters or [str(demo.adapters_dir)]
     engine = EngineConfig(
