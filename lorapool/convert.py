@@ -118,24 +118,6 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
-def request_to_proto(
-    request: GenerationRequest, message: type[pb.GenerateRequest] | type[pb.CompleteRequest]
-) -> Any:
-    """Build a GenerateRequest or CompleteRequest (same fields) from a request."""
-    msg = message(
-        request_id=request.request_id,
-        adapter_id=request.adapter_id,
-        priority=request.priority,
-        params=params_to_proto(request.params),
-    )
-    if request.input_ids is not None:
-        msg.input_ids.SetInParent()
-        msg.input_ids.ids.extend(request.input_ids)
-    else:
-        msg.prompt = request.prompt or ""
-    return msg
-
-
 def request_from_proto(
     msg: pb.GenerateRequest | pb.CompleteRequest, request_id: str = ""
 ) -> GenerationRequest:

@@ -51,8 +51,3 @@ class QueueFull(LoraPoolError):
 class Draining(LoraPoolError):
     status = "UNAVAILABLE"
     reason = "DRAINING"
-
-
-class RequestAborted(LoraPoolError):
-    status = "CANCELLED"
-    reason = "CANCELLED"

@@ -26,7 +26,6 @@ class ModelSpec:
     max_position: int
     attention_bias: bool
     tie_word_embeddings: bool
-    bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     sliding_window: int | None = None
     hf_config: object = field(default=None, compare=False, repr=False)

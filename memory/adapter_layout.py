@@ -84,10 +84,6 @@ class PlacedAdapter:
     def g(self) -> int:
         return shrink_width(self.rank)
 
-    @property
-    def modules(self) -> list[str]:
-        return [m for s in self.sites.values() for m in s.modules]
-
 
 @dataclass
 class PackedAdapter:

@@ -28,6 +28,7 @@ from lorapool.server.engine.detok import IncrementalDetokenizer
 from lorapool.server.engine.runner import ModelRunner
 from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from lorapool.server.engine.sequence import Sequence, Status
+from lorapool.server.engine.validation import Limits, RequestValidator
 from lorapool.server.model.model import Model
 from lorapool.types import (
     AdapterInfo,
@@ -108,11 +109,17 @@ class Engine:
         )
         self.runner = ModelRunner(self.model, self.pool)
         self.max_model_len = config.max_model_len or self.spec.max_position
-        # No token spans more characters than the longest vocabulary entry, so a prompt
-        # longer than this can never fit the context: refuse it without tokenizing it
-        # on the event loop (which would stall every stream for a huge prompt).
-        longest = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
-        self.max_prompt_chars = 2 * longest * self.max_model_len
+        self.validator = RequestValidator(
+            Limits.for_model(
+                self.spec.vocab_size,
+                self.max_model_len,
+                self.tokenizer.get_vocab(),
+                max_new_tokens=config.max_new_tokens_limit,
+                max_logprobs=config.max_logprobs,
+                block_size=config.block_size,
+                total_pages=self.pool.num_pages,
+            )
+        )
         self.eos_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -183,8 +190,6 @@ class Engine:
             if not req.done:
                 self.abort(req.seq.request_id)
 
-    submit = generate
-
     def abort(self, request_id: str) -> bool:
         req = self._requests.get(request_id)
         if req is None or req.done:
@@ -202,8 +207,8 @@ class Engine:
             request.request_id = uuid.uuid4().hex
         if request.request_id in self._requests:
             raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
-        ids = self._prompt_ids(request)
-        self._validate(request, ids)
+        ids = self.validator.prompt_ids(request, self._tokenize_prompt)
+        self.validator.check(request, ids)
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFull(
                 f"admission queue is full ({self.config.max_waiting} waiting); retry with backoff"
@@ -223,58 +228,6 @@ class Engine:
         self.scheduler.add(seq)
         self._wake.set()
         return req
-
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        # Length bounds first (the full context check is _validate's): a huge prompt is
-        # refused before a per-token scan or tokenizing it on the event loop.
-        if len(request.input_ids or ()) > self.max_model_len:
-            raise InvalidRequest(
-                f"input_ids has {len(request.input_ids)} tokens; the context holds "
-                f"{self.max_model_len}"
-            )
-        if request.input_ids:
-            ids = list(request.input_ids)
-            bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
-            if bad:
-                raise InvalidRequest(
-                    f"input_ids {bad[:4]} are outside the vocabulary [0, {self.spec.vocab_size})"
-                )
-            return ids
-        if len(request.prompt or "") > self.max_prompt_chars:
-            raise InvalidRequest(
-                f"prompt of {len(request.prompt)} characters is longer than the context of "
-                f"{self.max_model_len} tokens can hold; shorten it"
-            )
-        if request.prompt:
-            return self.tokenizer(request.prompt)["input_ids"]
-        raise InvalidRequest("empty prompt: set a non-empty prompt or input_ids")
-
-    def _validate(self, request: GenerationRequest, ids: list[int]) -> None:
-        p = request.params
-        limit = self.config.max_new_tokens_limit
-        if not 1 <= p.max_new_tokens <= limit:
-            raise InvalidRequest(f"max_new_tokens must be in [1, {limit}], got {p.max_new_tokens}")
-        if p.temperature < 0 or p.temperature != p.temperature:
-            raise InvalidRequest(f"temperature must be >= 0, got {p.temperature}")
-        if not 0 < p.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
-        if p.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
-        if p.repetition_penalty <= 0:
-            raise InvalidRequest(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
-        if not 0 <= p.logprobs <= self.config.max_logprobs:
-            raise InvalidRequest(f"logprobs must be in [0, {self.config.max_logprobs}]")
-        total = len(ids) + p.max_new_tokens
-        if total > self.max_model_len:
-            raise InvalidRequest(
-                f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
-                f"context of {self.max_model_len} tokens; shorten the prompt or max_new_tokens"
-            )
-        if self.blocks.blocks_for(total) > self.pool.num_pages:
-            raise InvalidRequest(
-                f"prompt + max_new_tokens ({total} tokens) can never fit the pool "
-                f"({self.pool.num_pages} pages of {self.config.block_size} tokens)"
-            )
 
     def _on_loaded(self, entry, fut: asyncio.Future) -> None:
         exc = None if fut.cancelled() else fut.exception()
@@ -500,6 +453,21 @@ class Engine:
 
                 infos[adapter_id] = AdapterInfo(adapter_id, AdapterState.KNOWN, source=uri)
         return [infos[k] for k in sorted(infos)]
+
+    def _tokenize_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def knows_adapter(self, adapter_id: str) -> bool:
+        """Whether the id was loaded or a source knows it (without loading it)."""
+        return adapter_id in self.adapters.entries or self.registry.uri_for(adapter_id) is not None
+
+    def on_adapter_load(self, callback) -> None:
+        """callback(seconds) after every completed adapter load (for metrics)."""
+        self.adapters.on_load = callback
+
+    def tokenize(self, text: str, return_tokens: bool = False) -> tuple[list[int], list[str]]:
+        ids = self.tokenizer(text)["input_ids"]
+        return ids, (self.tokenizer.convert_ids_to_tokens(ids) if return_tokens else [])
 
     def clear_prefix_cache(self) -> int:
         return self.blocks.clear_cache()

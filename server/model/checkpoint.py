@@ -47,7 +47,6 @@ def load_spec(model_dir: str | Path) -> ModelSpec:
         attention_bias=bool(getattr(config, "attention_bias", False))
         or config.model_type == "qwen2",
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        bos_token_id=config.bos_token_id,
         eos_token_ids=eos_ids,
         sliding_window=sliding,
         hf_config=config,

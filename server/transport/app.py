@@ -21,8 +21,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lorapool.server.transport.metrics import Metrics
-from lorapool.server.transport.servicer import ApiKeyInterceptor, LoraPoolServicer
+from lorapool.server.metrics import Metrics
+from lorapool.server.service import LoraPoolService
+from lorapool.server.transport.auth import ApiKeyInterceptor
+from lorapool.server.transport.servicer import LoraPoolServicer
 from lorapool.v1 import lorapool_pb2 as pb
 from lorapool.v1 import lorapool_pb2_grpc as pb_grpc
 
@@ -60,8 +62,8 @@ class LoraPoolServer:
             ],
         )
         self.metrics = Metrics()
-        self.servicer = LoraPoolServicer(None, self.metrics)
-        pb_grpc.add_LoraPoolServiceServicer_to_server(self.servicer, self.grpc)
+        self.service = LoraPoolService(None, self.metrics)
+        pb_grpc.add_LoraPoolServiceServicer_to_server(LoraPoolServicer(self.service), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
@@ -89,7 +91,7 @@ class LoraPoolServer:
         self.engine = await loop.run_in_executor(None, Engine, c.engine)
         await self.engine.start()
         self.metrics.attach(self.engine)
-        self.servicer.engine = self.engine
+        self.service.engine = self.engine
         if c.metrics_port:
             self._metrics_http = self.metrics.serve(c.metrics_port, c.host)
             log.info("metrics on http://%s:%d/metrics", c.host, c.metrics_port)

@@ -13,7 +13,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 
 class Metrics:
-    def __init__(self, engine=None):
+    def __init__(self):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "lorapool_requests",
@@ -45,13 +45,11 @@ class Metrics:
             ["adapter"],
             registry=self.registry,
         )
-        if engine is not None:
-            self.attach(engine)
 
     def attach(self, engine) -> None:
         """Read pool and scheduler figures from engine at every scrape."""
         self.registry.register(_EngineCollector(engine))
-        engine.adapters.on_load = self.load_latency.observe
+        engine.on_adapter_load(self.load_latency.observe)
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         return start_http_server(port, addr=addr, registry=self.registry)

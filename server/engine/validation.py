@@ -1,0 +1,93 @@
+"""Request validation at the door: every value a request sends is checked before
+the request reaches the scheduler, so that no row can fail another row's step
+and a message says what to fix (InvalidRequest -> INVALID_ARGUMENT)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from lorapool.errors import InvalidRequest
+from lorapool.types import GenerationRequest
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_model_len: int
+    max_prompt_chars: int  # a longer prompt can never fit the context
+    max_new_tokens: int
+    max_logprobs: int
+    block_size: int
+    total_pages: int
+
+    @classmethod
+    def for_model(cls, vocab_size: int, max_model_len: int, vocab: Iterable[str], **limits):
+        """No token spans more characters than the longest vocabulary entry, so a
+        prompt longer than max_model_len such entries (doubled, for byte-level
+        tokenizers' escapes) can never fit the context: it is refused without
+        tokenizing it (which would stall every stream for a huge prompt)."""
+        longest = max((len(t) for t in vocab), default=1)
+        return cls(vocab_size, max_model_len, 2 * longest * max_model_len, **limits)
+
+
+class RequestValidator:
+    def __init__(self, limits: Limits):
+        self.limits = limits
+
+    def prompt_ids(
+        self, request: GenerationRequest, tokenize: Callable[[str], list[int]]
+    ) -> list[int]:
+        """The prompt's token ids. Length bounds come first (the full context check
+        is `check`'s): a huge prompt is refused before a per-token scan or tokenizing."""
+        lim = self.limits
+        if len(request.input_ids or ()) > lim.max_model_len:
+            raise InvalidRequest(
+                f"input_ids has {len(request.input_ids)} tokens; the context holds "
+                f"{lim.max_model_len}"
+            )
+        if request.input_ids:
+            ids = list(request.input_ids)
+            bad = [t for t in ids if not 0 <= t < lim.vocab_size]
+            if bad:
+                raise InvalidRequest(
+                    f"input_ids {bad[:4]} are outside the vocabulary [0, {lim.vocab_size})"
+                )
+            return ids
+        if len(request.prompt or "") > lim.max_prompt_chars:
+            raise InvalidRequest(
+                f"prompt of {len(request.prompt)} characters is longer than the context of "
+                f"{lim.max_model_len} tokens can hold; shorten it"
+            )
+        if request.prompt:
+            return tokenize(request.prompt)
+        raise InvalidRequest("empty prompt: set a non-empty prompt or input_ids")
+
+    def check(self, request: GenerationRequest, ids: list[int]) -> None:
+        """Sampling values and the request's size against the context and the pool."""
+        lim, p = self.limits, request.params
+        if not 1 <= p.max_new_tokens <= lim.max_new_tokens:
+            raise InvalidRequest(
+                f"max_new_tokens must be in [1, {lim.max_new_tokens}], got {p.max_new_tokens}"
+            )
+        if p.temperature < 0 or p.temperature != p.temperature:
+            raise InvalidRequest(f"temperature must be >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+        if p.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
+        if p.repetition_penalty <= 0:
+            raise InvalidRequest(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+        if not 0 <= p.logprobs <= lim.max_logprobs:
+            raise InvalidRequest(f"logprobs must be in [0, {lim.max_logprobs}]")
+        total = len(ids) + p.max_new_tokens
+        if total > lim.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
+                f"context of {lim.max_model_len} tokens; shorten the prompt or max_new_tokens"
+            )
+        if -(-total // lim.block_size) > lim.total_pages:
+            raise InvalidRequest(
+                f"prompt + max_new_tokens ({total} tokens) can never fit the pool "
+                f"({lim.total_pages} pages of {lim.block_size} tokens)"
+            )

@@ -1,0 +1,174 @@
+"""The request handling behind every RPC of LoraPoolService, free of any transport.
+
+Each method takes the request message, calls the engine and returns the reply
+message (or an async iterator of them); failures are raised as typed
+`LoraPoolError`s, which a front end maps to its status (`lorapool.convert.
+status_for_error` gives the gRPC status with its ErrorInfo). Metrics and the
+one-line-per-request log live here too, so every front end (grpc.aio in
+`server/transport/`, or another host) reports the same figures.
+
+Cancellation (a client that went away, a deadline) arrives as CancelledError at
+the caller's await; `Engine.generate` frees the request's pages in its `finally`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from lorapool import convert
+from lorapool.errors import Draining, LoraPoolError
+from lorapool.types import GenerationRequest, TokenEvent
+from lorapool.v1 import lorapool_pb2 as pb
+
+from .metrics import Metrics
+
+log = logging.getLogger("lorapool.service")
+
+
+class LoraPoolService:
+    """One instance per engine. `engine` is None while the model loads: every call
+    is then refused with UNAVAILABLE."""
+
+    def __init__(self, engine=None, metrics: Metrics | None = None):
+        self.engine = engine
+        self.metrics = metrics or Metrics()
+
+    # -- inference ------------------------------------------------------------------------
+    async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        req = self._request(request, "Generate")
+        async for event in self._events(req, "Generate"):
+            yield convert.event_to_proto(event, req.request_id)
+
+    async def complete(self, request: pb.CompleteRequest) -> pb.CompleteResponse:
+        req = self._request(request, "Complete")
+        events = [e async for e in self._events(req, "Complete")]
+        return convert.events_to_complete(events, req.request_id)
+
+    async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
+        engine = self._ready("Tokenize")
+        ids, tokens = engine.tokenize(request.text, request.return_tokens)
+        return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
+
+    # -- adapters ---------------------------------------------------------------------------
+    async def load_adapter(self, request: pb.LoadAdapterRequest) -> pb.LoadAdapterResponse:
+        engine = self._ready("LoadAdapter")
+        with self._rejections("LoadAdapter", request.adapter_id):
+            info = await engine.load_adapter(
+                request.adapter_id, request.source or None, request.pin
+            )
+        log.info(
+            "adapter_loaded adapter=%s state=%s load_ms=%.1f",
+            info.adapter_id,
+            info.state.name,
+            info.load_ms,
+        )
+        return pb.LoadAdapterResponse(adapter=convert.adapter_info_to_proto(info))
+
+    async def unload_adapter(self, request: pb.UnloadAdapterRequest) -> pb.UnloadAdapterResponse:
+        engine = self._ready("UnloadAdapter")
+        with self._rejections("UnloadAdapter", request.adapter_id):
+            await engine.unload_adapter(request.adapter_id)
+        log.info("adapter_unloaded adapter=%s", request.adapter_id)
+        return pb.UnloadAdapterResponse()
+
+    async def list_adapters(self, request: pb.ListAdaptersRequest) -> pb.ListAdaptersResponse:
+        infos = self._ready("ListAdapters").list_adapters()
+        return pb.ListAdaptersResponse(adapters=[convert.adapter_info_to_proto(i) for i in infos])
+
+    # -- observability ----------------------------------------------------------------------
+    async def get_stats(self, request: pb.GetStatsRequest) -> pb.GetStatsResponse:
+        return convert.stats_to_proto(self._ready("GetStats").stats())
+
+    async def get_model_info(self, request: pb.GetModelInfoRequest) -> pb.GetModelInfoResponse:
+        return convert.model_info_to_proto(self._ready("GetModelInfo").model_info())
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _ready(self, method: str):
+        if self.engine is None:
+            exc = Draining("the model is still loading; retry shortly")
+            self._rejected(exc, method)
+            raise exc
+        return self.engine
+
+    def _request(self, request, method: str) -> GenerationRequest:
+        self._ready(method)
+        with self._rejections(method, request.adapter_id, request.request_id):
+            return convert.request_from_proto(request)
+
+    @contextlib.contextmanager
+    def _rejections(self, method: str, adapter_id: str = "", request_id: str = ""):
+        """A LoraPoolError raised inside is counted and logged as a refused call,
+        then propagates unchanged."""
+        try:
+            yield
+        except LoraPoolError as exc:
+            self._rejected(exc, method, adapter_id, request_id)
+            raise
+
+    def _label(self, adapter_id: str) -> str:
+        """Metric label for an adapter: ids no source knows share one label, so that
+        clients sending random ids cannot grow the metric series without bound."""
+        if not adapter_id:
+            return "base"
+        if self.engine is not None and self.engine.knows_adapter(adapter_id):
+            return adapter_id
+        return "unknown"
+
+    def _rejected(
+        self, exc: LoraPoolError, method: str, adapter_id="", request_id="", count=True
+    ) -> None:
+        """Log a refused call; count it unless the caller counts it itself."""
+        if count:
+            self.metrics.requests.labels(self._label(adapter_id), method, exc.status).inc()
+        log.info(
+            "rejected request_id=%s method=%s adapter=%s status=%s reason=%s msg=%s",
+            request_id,
+            method,
+            adapter_id,
+            exc.status,
+            exc.reason,
+            exc,
+        )
+
+    async def _events(self, req: GenerationRequest, method: str) -> AsyncIterator[TokenEvent]:
+        """The engine's events for req, observed: TTFT, ITL, tokens, one log line."""
+        adapter = self._label(req.adapter_id)
+        start = time.monotonic()
+        last = None
+        status, tokens, usage = "OK", 0, None
+        try:
+            async for event in self.engine.generate(req):
+                now = time.monotonic()
+                if event.token_ids:
+                    if last is None:
+                        self.metrics.ttft.observe(now - start)
+                    else:
+                        self.metrics.itl.observe(now - last)
+                    last = now
+                    tokens += len(event.token_ids)
+                usage = event.usage or usage
+                yield event
+        except LoraPoolError as exc:
+            status = exc.status
+            self._rejected(exc, method, req.adapter_id, req.request_id, count=False)
+            raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        finally:
+            self.metrics.requests.labels(adapter, method, status).inc()
+            self.metrics.tokens.labels(adapter).inc(tokens)
+            log.info(
+                "request request_id=%s method=%s adapter=%s status=%s tokens=%d ttft_ms=%.1f "
+                "total_ms=%.1f",
+                req.request_id,
+                method,
+                adapter,
+                status,
+                tokens,
+                usage.ttft_ms if usage else -1.0,
+                (time.monotonic() - start) * 1000,
+            )
