@@ -11,8 +11,10 @@ retried: a repeated Complete would redo the whole generation.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -129,8 +131,35 @@ def generation_request(
     return msg
 
 
-class _Settings:
-    """What both clients share: target, credentials, metadata, deadlines."""
+@contextlib.contextmanager
+def _rpc_errors(stream: Any = None) -> Iterator[None]:
+    """grpc.RpcError becomes LoraPoolClientError. A stream is cancelled on the way
+    out: a no-op once it ended, and it frees the server when the caller stopped early."""
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise LoraPoolClientError.from_rpc_error(err) from None
+    finally:
+        if stream is not None:
+            stream.cancel()
+
+
+@dataclass(frozen=True)
+class _Unary:
+    """One unary call, ready to send: the stub method, the request, and how to
+    turn the reply into what the client returns."""
+
+    method: Any
+    request: Any
+    read: Callable[[Any], Any]
+
+
+class _ClientBase:
+    """What both clients share: target, credentials, metadata, deadlines, the
+    channel and stubs, and each RPC once (its request and how to read its reply).
+    The subclasses only differ in how they wait for the stub."""
+
+    _channels: Any  # the module that opens channels: grpc or grpc.aio
 
     def __init__(
         self,
@@ -153,23 +182,97 @@ class _Settings:
             if tls or root_certificates is not None
             else None
         )
+        if self.credentials is None:
+            self.channel = self._channels.insecure_channel(target, options=self.options)
+        else:
+            self.channel = self._channels.secure_channel(
+                target, self.credentials, options=self.options
+            )
+        self.stub = pb_grpc.LoraPoolServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
     def deadline(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        """Invoke a stub method: the reply (blocking), an awaitable (asyncio) or,
+        for a streaming method, the call to iterate."""
+        return method(request, timeout=self.deadline(timeout), metadata=self.metadata)
 
-class LoraPoolClient(_Settings):
+    # -- each RPC once ---------------------------------------------------------------------
+
+    def _open_generate(
+        self,
+        prompt: str | None,
+        input_ids: Sequence[int] | None,
+        adapter_id: str,
+        request_id: str,
+        priority: int,
+        timeout: float | None,
+        sampling: dict[str, Any],
+    ) -> Any:
+        request = generation_request(
+            pb.GenerateRequest, prompt, input_ids, adapter_id, request_id, priority, sampling
+        )
+        return self._call(self.stub.Generate, request, timeout)
+
+    def _complete_call(
+        self,
+        prompt: str | None,
+        input_ids: Sequence[int] | None,
+        adapter_id: str,
+        request_id: str,
+        priority: int,
+        sampling: dict[str, Any],
+    ) -> _Unary:
+        request = generation_request(
+            pb.CompleteRequest, prompt, input_ids, adapter_id, request_id, priority, sampling
+        )
+        return _Unary(self.stub.Complete, request, completion_from_proto)
+
+    def _tokenize_call(self, text: str, return_tokens: bool) -> _Unary:
+        request = pb.TokenizeRequest(text=text, return_tokens=return_tokens)
+        return _Unary(self.stub.Tokenize, request, _tokenized)
+
+    def _load_adapter_call(self, adapter_id: str, source: str, pin: bool) -> _Unary:
+        request = pb.LoadAdapterRequest(adapter_id=adapter_id, source=source, pin=pin)
+        return _Unary(self.stub.LoadAdapter, request, lambda r: adapter_info_from_proto(r.adapter))
+
+    def _unload_adapter_call(self, adapter_id: str) -> _Unary:
+        request = pb.UnloadAdapterRequest(adapter_id=adapter_id)
+        return _Unary(self.stub.UnloadAdapter, request, lambda r: None)
+
+    def _list_adapters_call(self) -> _Unary:
+        return _Unary(self.stub.ListAdapters, pb.ListAdaptersRequest(), _adapter_list)
+
+    def _stats_call(self) -> _Unary:
+        return _Unary(self.stub.GetStats, pb.GetStatsRequest(), stats_from_proto)
+
+    def _model_info_call(self) -> _Unary:
+        return _Unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), model_info_from_proto)
+
+    def _health_call(self, service: str) -> _Unary:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return _Unary(self.health_stub.Check, request, _serving_status)
+
+
+def _tokenized(reply: pb.TokenizeResponse) -> Tokenized:
+    return Tokenized(list(reply.token_ids), list(reply.tokens))
+
+
+def _adapter_list(reply: pb.ListAdaptersResponse) -> list[AdapterInfo]:
+    return [adapter_info_from_proto(a) for a in reply.adapters]
+
+
+def _serving_status(reply: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class LoraPoolClient(_ClientBase):
     """Blocking client. `timeout` is the default deadline in seconds for every
     call (None: no deadline); each method takes its own `timeout` too."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any):
-        super().__init__(target, **kwargs)
-        if self.credentials is None:
-            self.channel = grpc.insecure_channel(target, options=self.options)
-        else:
-            self.channel = grpc.secure_channel(target, self.credentials, options=self.options)
-        self.stub = pb_grpc.LoraPoolServiceStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+    _channels = grpc
 
     def close(self) -> None:
         self.channel.close()
@@ -180,11 +283,10 @@ class LoraPoolClient(_Settings):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return method(request, timeout=self.deadline(timeout), metadata=self.metadata)
-        except grpc.RpcError as err:
-            raise LoraPoolClientError.from_rpc_error(err) from None
+    def _send(self, unary: _Unary, timeout: float | None) -> Any:
+        with _rpc_errors():
+            reply = self._call(unary.method, unary.request, timeout)
+        return unary.read(reply)
 
     def generate(
         self,
@@ -199,10 +301,9 @@ class LoraPoolClient(_Settings):
     ) -> Iterator[TokenEvent]:
         """Yield TokenEvents as the server streams them; the last one has
         finish_reason and usage. Stopping the iteration early cancels the call."""
-        request = generation_request(
-            pb.GenerateRequest, prompt, input_ids, adapter_id, request_id, priority, sampling
+        call = self._open_generate(
+            prompt, input_ids, adapter_id, request_id, priority, timeout, sampling
         )
-        call = self.stub.Generate(request, timeout=self.deadline(timeout), metadata=self.metadata)
         return _stream(call)
 
     def complete(
@@ -216,68 +317,47 @@ class LoraPoolClient(_Settings):
         timeout: float | None = None,
         **sampling: Any,
     ) -> Completion:
-        request = generation_request(
-            pb.CompleteRequest, prompt, input_ids, adapter_id, request_id, priority, sampling
-        )
-        return completion_from_proto(self._unary(self.stub.Complete, request, timeout))
+        unary = self._complete_call(prompt, input_ids, adapter_id, request_id, priority, sampling)
+        return self._send(unary, timeout)
 
     def tokenize(
         self, text: str, *, return_tokens: bool = False, timeout: float | None = None
     ) -> Tokenized:
-        request = pb.TokenizeRequest(text=text, return_tokens=return_tokens)
-        reply = self._unary(self.stub.Tokenize, request, timeout)
-        return Tokenized(list(reply.token_ids), list(reply.tokens))
+        return self._send(self._tokenize_call(text, return_tokens), timeout)
 
     def load_adapter(
         self, adapter_id: str, source: str = "", *, pin: bool = False, timeout: float | None = None
     ) -> AdapterInfo:
-        request = pb.LoadAdapterRequest(adapter_id=adapter_id, source=source, pin=pin)
-        return adapter_info_from_proto(self._unary(self.stub.LoadAdapter, request, timeout).adapter)
+        return self._send(self._load_adapter_call(adapter_id, source, pin), timeout)
 
     def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:
-        request = pb.UnloadAdapterRequest(adapter_id=adapter_id)
-        self._unary(self.stub.UnloadAdapter, request, timeout)
+        self._send(self._unload_adapter_call(adapter_id), timeout)
 
     def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
-        reply = self._unary(self.stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
-        return [adapter_info_from_proto(a) for a in reply.adapters]
+        return self._send(self._list_adapters_call(), timeout)
 
     def stats(self, *, timeout: float | None = None) -> EngineStats:
-        return stats_from_proto(self._unary(self.stub.GetStats, pb.GetStatsRequest(), timeout))
+        return self._send(self._stats_call(), timeout)
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        reply = self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
-        return model_info_from_proto(reply)
+        return self._send(self._model_info_call(), timeout)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The grpc.health.v1 status name: SERVING, NOT_SERVING, ..."""
-        request = health_pb2.HealthCheckRequest(service=service)
-        reply = self._unary(self.health_stub.Check, request, timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return self._send(self._health_call(service), timeout)
 
 
 def _stream(call: Any) -> Iterator[TokenEvent]:
-    try:
+    with _rpc_errors(call):
         for msg in call:
             yield event_from_proto(msg)
-    except grpc.RpcError as err:
-        raise LoraPoolClientError.from_rpc_error(err) from None
-    finally:
-        call.cancel()  # a no-op once the stream ended; frees the server otherwise
 
 
-class AsyncLoraPoolClient(_Settings):
+class AsyncLoraPoolClient(_ClientBase):
     """The same API on grpc.aio: coroutines, and an async iterator for generate.
     Create it inside the event loop that will use it."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any):
-        super().__init__(target, **kwargs)
-        if self.credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=self.options)
-        else:
-            self.channel = grpc.aio.secure_channel(target, self.credentials, options=self.options)
-        self.stub = pb_grpc.LoraPoolServiceStub(self.channel)
-        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+    _channels = grpc.aio
 
     async def close(self) -> None:
         await self.channel.close()
@@ -288,11 +368,10 @@ class AsyncLoraPoolClient(_Settings):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:
-        try:
-            return await method(request, timeout=self.deadline(timeout), metadata=self.metadata)
-        except grpc.RpcError as err:
-            raise LoraPoolClientError.from_rpc_error(err) from None
+    async def _send(self, unary: _Unary, timeout: float | None) -> Any:
+        with _rpc_errors():
+            reply = await self._call(unary.method, unary.request, timeout)
+        return unary.read(reply)
 
     async def generate(
         self,
@@ -306,17 +385,12 @@ class AsyncLoraPoolClient(_Settings):
         **sampling: Any,
     ) -> AsyncIterator[TokenEvent]:
         """Async-iterate the streamed TokenEvents; leaving the loop early cancels."""
-        request = generation_request(
-            pb.GenerateRequest, prompt, input_ids, adapter_id, request_id, priority, sampling
+        call = self._open_generate(
+            prompt, input_ids, adapter_id, request_id, priority, timeout, sampling
         )
-        call = self.stub.Generate(request, timeout=self.deadline(timeout), metadata=self.metadata)
-        try:
+        with _rpc_errors(call):
             async for msg in call:
                 yield event_from_proto(msg)
-        except grpc.RpcError as err:
-            raise LoraPoolClientError.from_rpc_error(err) from None
-        finally:
-            call.cancel()
 
     async def complete(
         self,
@@ -329,42 +403,31 @@ class AsyncLoraPoolClient(_Settings):
         timeout: float | None = None,
         **sampling: Any,
     ) -> Completion:
-        request = generation_request(
-            pb.CompleteRequest, prompt, input_ids, adapter_id, request_id, priority, sampling
-        )
-        return completion_from_proto(await self._unary(self.stub.Complete, request, timeout))
+        unary = self._complete_call(prompt, input_ids, adapter_id, request_id, priority, sampling)
+        return await self._send(unary, timeout)
 
     async def tokenize(
         self, text: str, *, return_tokens: bool = False, timeout: float | None = None
     ) -> Tokenized:
-        request = pb.TokenizeRequest(text=text, return_tokens=return_tokens)
-        reply = await self._unary(self.stub.Tokenize, request, timeout)
-        return Tokenized(list(reply.token_ids), list(reply.tokens))
+        return await self._send(self._tokenize_call(text, return_tokens), timeout)
 
     async def load_adapter(
         self, adapter_id: str, source: str = "", *, pin: bool = False, timeout: float | None = None
     ) -> AdapterInfo:
-        request = pb.LoadAdapterRequest(adapter_id=adapter_id, source=source, pin=pin)
-        reply = await self._unary(self.stub.LoadAdapter, request, timeout)
-        return adapter_info_from_proto(reply.adapter)
+        return await self._send(self._load_adapter_call(adapter_id, source, pin), timeout)
 
     async def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:
-        request = pb.UnloadAdapterRequest(adapter_id=adapter_id)
-        await self._unary(self.stub.UnloadAdapter, request, timeout)
+        await self._send(self._unload_adapter_call(adapter_id), timeout)
 
     async def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
-        reply = await self._unary(self.stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
-        return [adapter_info_from_proto(a) for a in reply.adapters]
+        return await self._send(self._list_adapters_call(), timeout)
 
     async def stats(self, *, timeout: float | None = None) -> EngineStats:
-        reply = await self._unary(self.stub.GetStats, pb.GetStatsRequest(), timeout)
-        return stats_from_proto(reply)
+        return await self._send(self._stats_call(), timeout)
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        reply = await self._unary(self.stub.GetModelInfo, pb.GetModelInfoRequest(), timeout)
-        return model_info_from_proto(reply)
+        return await self._send(self._model_info_call(), timeout)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
-        request = health_pb2.HealthCheckRequest(service=service)
-        reply = await self._unary(self.health_stub.Check, request, timeout)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        """The grpc.health.v1 status name: SERVING, NOT_SERVING, ..."""
+        return await self._send(self._health_call(service), timeout)
