@@ -52,19 +52,25 @@ def _argmax_rows(rows: torch.Tensor) -> list[int]:
 
 
 def _sample_row(row: torch.Tensor, seq) -> int:
+    """One row's token. Robust to any value a row may carry (a penalty or a
+    temperature that overflows the logits to inf, a NaN logit): it never raises,
+    so one row cannot fail the others of its step."""
     p = seq.params
-    row = row.clone()
+    row = row.double()  # headroom: logits / a tiny temperature stay finite far longer
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.long)
         vals = row[seen]
         row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    row = torch.nan_to_num(row, nan=float("-inf"))
     if p.temperature == 0:
         return int(row.argmax())
     row = row / p.temperature
     if p.top_k and p.top_k < row.numel():
         kth = torch.topk(row, p.top_k).values[-1]
         row[row < kth] = float("-inf")
-    probs = torch.softmax(row, -1)
+    probs = _softmax(row)
+    if probs is None:  # nothing finite is left to sample from: fall back to the argmax
+        return int(row.argmax())
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         cum = sorted_p.cumsum(0)
@@ -73,6 +79,22 @@ def _sample_row(row: torch.Tensor, seq) -> int:
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     gen = seq.generator or _shared
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _softmax(row: torch.Tensor) -> torch.Tensor | None:
+    """Probabilities of a row that may hold +-inf (never NaN); +inf entries share
+    all the mass. None when no entry can carry any."""
+    top = row.max()
+    if top == float("inf"):
+        probs = (row == top).double()
+    elif top == float("-inf"):
+        return None
+    else:
+        probs = torch.softmax(row, -1)
+    total = probs.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return None
+    return probs
 
 
 def _logprobs(row: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -4,11 +4,18 @@ and a message says what to fix (InvalidRequest -> INVALID_ARGUMENT)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from lorapool.errors import InvalidRequest
 from lorapool.types import GenerationRequest
+
+# Temperatures below this sample as greedy: dividing logits by them overflows.
+GREEDY_BELOW = 1e-5
+MAX_STOP_TOKEN_IDS = 1024
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -70,16 +77,32 @@ class RequestValidator:
             raise InvalidRequest(
                 f"max_new_tokens must be in [1, {lim.max_new_tokens}], got {p.max_new_tokens}"
             )
-        if p.temperature < 0 or p.temperature != p.temperature:
-            raise InvalidRequest(f"temperature must be >= 0, got {p.temperature}")
-        if not 0 < p.top_p <= 1:
+        if not (math.isfinite(p.temperature) and p.temperature >= 0):
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {p.temperature}")
+        if p.temperature < GREEDY_BELOW:
+            p.temperature = 0.0  # a vanishing temperature is greedy (and would overflow)
+        if not 0 < p.top_p <= 1:  # also refuses NaN
             raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
         if p.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
-        if p.repetition_penalty <= 0:
-            raise InvalidRequest(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
+        if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0):
+            raise InvalidRequest(
+                f"repetition_penalty must be a finite number > 0, got {p.repetition_penalty}"
+            )
         if not 0 <= p.logprobs <= lim.max_logprobs:
             raise InvalidRequest(f"logprobs must be in [0, {lim.max_logprobs}]")
+        if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidRequest(
+                f"stop_token_ids has {len(p.stop_token_ids)} entries; at most "
+                f"{MAX_STOP_TOKEN_IDS} are accepted"
+            )
+        if len(p.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in p.stop):
+            raise InvalidRequest(
+                f"stop accepts at most {MAX_STOP_STRINGS} strings of at most "
+                f"{MAX_STOP_CHARS} characters each"
+            )
+        if any(not s for s in p.stop):
+            raise InvalidRequest("stop strings must not be empty")
         total = len(ids) + p.max_new_tokens
         if total > lim.max_model_len:
             raise InvalidRequest(

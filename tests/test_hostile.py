@@ -1,0 +1,168 @@
+"""No request can hurt another: hostile values, broken adapters and abuse through
+gRPC. Each test triggers the fault for real and checks the invariant after: the
+other requests finish with their correct tokens, the pool returns to idle (no KV
+pages, nothing running or waiting, page counts adding up) and the server answers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import grpc
+import pytest
+import torch
+
+from lorapool.convert import error_info
+from lorapool.v1 import lorapool_pb2 as pb
+from lorapool.v1 import lorapool_pb2_grpc as pb_grpc
+
+GREEDY_IDS = [11, 12, 13, 14, 15]
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server(engine={"pool_mib": 8, "max_new_tokens_limit": 256})
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    channel = grpc.insecure_channel(server.target)
+    yield pb_grpc.LoraPoolServiceStub(channel)
+    channel.close()
+
+
+def greedy_request(adapter: str = "adapter-001", n: int = 40) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        adapter_id=adapter,
+        input_ids=pb.TokenIds(ids=GREEDY_IDS),
+        params=pb.SamplingParams(max_new_tokens=n, ignore_eos=True),
+    )
+
+
+def stream_tokens(stub, request, timeout: float = 60) -> list[int]:
+    return [t for reply in stub.Generate(request, timeout=timeout) for t in reply.token_ids]
+
+
+@pytest.fixture(scope="module")
+def expected(stub) -> list[int]:
+    """The greedy stream's tokens when it runs alone."""
+    return stream_tokens(stub, greedy_request())
+
+
+def assert_idle(stub, timeout: float = 10) -> None:
+    """The pool is back to idle and its page counts add up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stub.GetStats(pb.GetStatsRequest(), timeout=10)
+        idle = s.kv_pages == 0 and s.running_requests == 0 and s.waiting_requests == 0
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert idle, s
+    assert s.free_pages + s.kv_pages + s.cached_pages + s.adapter_pages == s.total_pages
+
+
+def beside_a_greedy_stream(stub, expected: list[int], hostile):
+    """Run hostile(stub) while a greedy stream runs; the stream's tokens must be the
+    ones it produces alone. Returns hostile's result or the RpcError it raised."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        good = pool.submit(stream_tokens, stub, greedy_request())
+        time.sleep(0.05)
+        bad = pool.submit(hostile, stub)
+        assert good.result(60) == expected
+        try:
+            outcome = bad.result(60)
+        except grpc.RpcError as exc:
+            outcome = exc
+    assert_idle(stub)
+    return outcome
+
+
+# -- 1. sampling values ------------------------------------------------------------------------
+
+
+def sampled(params: pb.SamplingParams):
+    def call(stub):
+        request = pb.GenerateRequest(input_ids=pb.TokenIds(ids=[5, 6, 7]), params=params)
+        return stream_tokens(stub, request)
+
+    return call
+
+
+def test_a_vanishing_temperature_is_greedy_and_harms_nobody(stub, expected):
+    tokens = beside_a_greedy_stream(
+        stub, expected, sampled(pb.SamplingParams(temperature=1e-300, max_new_tokens=40))
+    )
+    greedy = sampled(pb.SamplingParams(max_new_tokens=40))(stub)
+    assert tokens == greedy
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e300], ids=["tiny", "huge"])
+def test_an_extreme_repetition_penalty_samples_and_harms_nobody(stub, expected, penalty):
+    params = pb.SamplingParams(
+        temperature=1.0, repetition_penalty=penalty, max_new_tokens=30, ignore_eos=True
+    )
+    tokens = beside_a_greedy_stream(stub, expected, sampled(params))
+    assert len(tokens) == 30
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", -1.0),
+        ("repetition_penalty", float("nan")),
+        ("repetition_penalty", float("inf")),
+        ("repetition_penalty", 0.0),
+        ("top_p", float("nan")),
+    ],
+)
+def test_non_finite_or_out_of_range_floats_are_refused(stub, expected, field, value):
+    params = pb.SamplingParams(max_new_tokens=8, **{field: value})
+    outcome = beside_a_greedy_stream(stub, expected, sampled(params))
+    assert isinstance(outcome, grpc.RpcError)
+    assert outcome.code() == grpc.StatusCode.INVALID_ARGUMENT, outcome.details()
+    assert field in outcome.details()
+    assert error_info(outcome.trailing_metadata()).reason == "INVALID_REQUEST"
+
+
+def test_a_huge_stop_list_is_refused(stub):
+    params = pb.SamplingParams(max_new_tokens=4, stop_token_ids=list(range(200_000)))
+    with pytest.raises(grpc.RpcError) as exc:
+        sampled(params)(stub)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stop_token_ids" in exc.value.details()
+    assert_idle(stub)
+
+
+def test_sampling_never_raises_on_overflowed_rows():
+    """The per-row sampler itself: rows of +inf, -inf and NaN give a token, never an
+    error (torch.multinomial raises on such probabilities)."""
+    from types import SimpleNamespace
+
+    from lorapool.server.engine.sampling import sample
+    from lorapool.types import SamplingParams
+
+    def seq(**params):
+        return SimpleNamespace(params=SamplingParams(**params), all_ids=[1, 2], generator=None)
+
+    rows = torch.tensor(
+        [
+            [float("inf"), 0.0, float("inf"), 1.0],
+            [float("-inf")] * 4,
+            [float("nan"), 3.0, float("nan"), 1.0],
+            [1e38, -1e38, 5.0, 0.0],
+        ]
+    )
+    seqs = [
+        seq(temperature=1.0),
+        seq(temperature=0.7, top_p=0.5),
+        seq(temperature=2.0, top_k=2),
+        seq(temperature=1e-4, repetition_penalty=1e-30),
+    ]
+    tokens, _ = sample(rows, seqs)
+    assert tokens[0] in (0, 2)
+    assert 0 <= tokens[1] < 4
+    assert tokens[2] == 1
+    assert tokens[3] in (0, 1, 2, 3)
