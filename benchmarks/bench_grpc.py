@@ -1,7 +1,7 @@
 """What gRPC costs: one trace through the engine in-process, then end to end
 through `lorapool serve`, in the same run, on the bench demo model.
 
-The trace is client/bench.py's (make_trace / iter_trace): power-law adapter
+The trace is client/trace.py's (make_trace / iter_trace): power-law adapter
 popularity over --adapters adapters, prompts of random token ids of a seeded
 length, an exact number of new tokens per request (ignore_eos, greedy). Both runs
 drive it closed loop with --concurrency workers taking requests from one shared
@@ -41,16 +41,10 @@ import sys
 import time
 from pathlib import Path
 
-from lorapool.client.bench import (
-    BenchConfig,
-    BenchReport,
-    CallResult,
-    iter_trace,
-    make_trace,
-    prompt_ids,
-    prompt_text,
-    run_bench_async,
-)
+from lorapool.client.bench import BenchConfig, run_bench_async
+from lorapool.client.report import BenchReport
+from lorapool.client.stats import CallResult
+from lorapool.client.trace import iter_trace, make_trace, prompt_ids, prompt_text
 
 REPO = Path(__file__).resolve().parent.parent
 LORAPOOL = str(Path(sys.executable).with_name("lorapool"))

@@ -1,6 +1,6 @@
 """The engine on a synthetic multi-adapter trace, against HF transformers + PEFT.
 
-A seeded trace (client/bench.py's make_trace): adapter popularity follows a power
+A seeded trace (client/trace.py's make_trace): adapter popularity follows a power
 law (zipf 0.8 by default), arrivals are Poisson at --rps, prompts are random token
 ids and every request asks for an exact number of new tokens (ignore_eos). The
 trace is replayed through an in-process Engine (one asyncio task per request,
@@ -63,7 +63,7 @@ from pathlib import Path
 
 import torch
 
-from lorapool.client.bench import make_trace, prompt_ids
+from lorapool.client.trace import make_trace, prompt_ids
 from lorapool.memory.adapter_layout import pack_adapter
 from lorapool.memory.adapters import AdapterManager
 from lorapool.memory.peft_adapter import read_adapter

@@ -23,18 +23,10 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from lorapool.client import AsyncLoraPoolClient, LoraPoolClient, LoraPoolClientError, cli
-from lorapool.client.bench import (
-    BenchConfig,
-    BenchReport,
-    CallResult,
-    histogram,
-    make_trace,
-    parse_duration,
-    percentile,
-    prompt_ids,
-    prompt_text,
-    run_bench,
-)
+from lorapool.client.bench import BenchConfig, parse_duration, run_bench
+from lorapool.client.report import BenchReport
+from lorapool.client.stats import CallResult, histogram, percentile
+from lorapool.client.trace import make_trace, prompt_ids, prompt_text
 from lorapool.convert import (
     adapter_info_from_proto,
     adapter_info_to_proto,
@@ -258,7 +250,8 @@ def test_trace_base_fraction_and_prompts():
 
 
 def test_trace_module_does_not_import_torch():
-    code = "import sys, lorapool.client.bench; assert 'torch' not in sys.modules"
+    modules = "lorapool.client.trace, lorapool.client.bench"
+    code = f"import sys, {modules}; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lorapool.client import AsyncLoraPoolClient, LoraPoolClient, LoraPoolClientError
-from lorapool.client.bench import make_trace
+from lorapool.client.trace import make_trace
 from lorapool.convert import error_info
 from lorapool.demo import write_adapter
 from lorapool.types import FinishReason, GenerationRequest, SamplingParams
