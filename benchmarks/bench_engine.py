@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from common import RegionTimer, fmt, int_list, print_header, print_json_line
 
 from lorapool.memory.adapter_layout import pack_adapter, place_adapter
 from lorapool.memory.block_manager import BlockManager
@@ -61,14 +61,10 @@ TARGETS = [
 ]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batches", type=_ints, default=[1, 16, 64, 128], help="e.g. 1,16,64,128")
-    p.add_argument("--adapters", type=_ints, default=[0, 8, 64], help="distinct adapter counts")
+    p.add_argument("--batches", type=int_list, default=[1, 16, 64, 128], help="e.g. 1,16,64,128")
+    p.add_argument("--adapters", type=int_list, default=[0, 8, 64], help="distinct adapter counts")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per repeat")
     p.add_argument(
         "--repeats",
@@ -353,39 +349,6 @@ def _iqr(values: list[float]) -> float:
 # --------------------------------------------------------------------------- profile
 
 
-class RegionTimer:
-    """Inclusive wall time of named engine functions, patched in for the duration."""
-
-    def __init__(self):
-        self.total = defaultdict(float)
-        self.calls = defaultdict(int)
-        self._patches = []
-        self.record = False  # also mark the regions for torch.profiler
-
-    def wrap(self, owner, name: str, label: str) -> None:
-        fn = getattr(owner, name)
-        total, calls = self.total, self.calls
-
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                if self.record:
-                    with torch.profiler.record_function(label):
-                        return fn(*a, **kw)
-                return fn(*a, **kw)
-            finally:
-                total[label] += time.perf_counter() - t0
-                calls[label] += 1
-
-        self._patches.append((owner, name, fn))
-        setattr(owner, name, timed)
-
-    def restore(self) -> None:
-        for owner, name, fn in reversed(self._patches):
-            setattr(owner, name, fn)
-        self._patches.clear()
-
-
 REGIONS = [
     (ModelRunner, "step", "step"),
     (runner_mod, "build_meta", "attention metadata (build_meta)"),
@@ -399,41 +362,42 @@ REGIONS = [
 ]
 
 
-def profile(bench: Bench, batch: int, n_adapters: int) -> dict:
-    steps = bench.args.steps
-    load = OtherLoad()
-    rows = bench.make_rows(batch, n_adapters)
-    bench.decode(rows)
-    # LoRA plan construction only happens when the batch's composition changes; time
-    # it directly since unchanged decode steps reuse it.
+def plan_build_seconds(bench: Bench, rows, batch: int) -> list[float]:
+    """LoRA plan construction only happens when the batch's composition changes;
+    time it directly since unchanged decode steps reuse it."""
     segments = [(i, 1, a) for i, (_, a) in enumerate(rows)]
     build = []
     for _ in range(5):
         t0 = time.perf_counter()
         LoraBatch(bench.pool, bench.spec, segments, batch)
         build.append(time.perf_counter() - t0)
-    plain = min(bench.decode(rows) for _ in range(3)) / steps
+    return build
+
+
+def timed_passes(bench: Bench, rows, steps: int):
+    """Decode with REGIONS timed: (wall ms/step, region ms/step) of the fastest of
+    three passes (interference only ever adds time), then one pass under
+    torch.profiler."""
     timer = RegionTimer()
-    for owner, name, label in REGIONS:
-        timer.wrap(owner, name, label)
+    timer.wrap_all(REGIONS)
     try:
         bench.decode(rows)
-        # The fastest of three passes: interference only ever adds time.
         passes = []
         for _ in range(3):
-            timer.total.clear()
-            timer.calls.clear()
+            timer.clear()
             wall = bench.decode(rows) / steps
             passes.append((wall, {k: 1e3 * v / steps for k, v in timer.total.items()}))
         wall, regions = min(passes, key=lambda p: p[0])
-        timer.record = True
+        timer.record_for_profiler()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             bench.decode(rows)
     finally:
         timer.restore()
-    bench.free(rows)
-    busy = load.share()
-    # Op self time grouped by the innermost named region each op ran in.
+    return wall, regions, prof
+
+
+def ops_by_region(prof, steps: int) -> list[dict]:
+    """Op self time grouped by the innermost named region each op ran in."""
     labels = {label for _, _, label in REGIONS}
     by_region: dict[tuple[str, str], float] = defaultdict(float)
     for evt in prof.events():
@@ -446,10 +410,23 @@ def profile(bench: Bench, batch: int, n_adapters: int) -> dict:
                 break
             parent = parent.cpu_parent
         by_region[(region, evt.name)] += evt.self_cpu_time_total / 1e3 / steps
-    ops = sorted(
+    return sorted(
         ({"region": r, "op": o, "ms_step": v} for (r, o), v in by_region.items()),
         key=lambda d: -d["ms_step"],
     )
+
+
+def profile(bench: Bench, batch: int, n_adapters: int) -> dict:
+    steps = bench.args.steps
+    load = OtherLoad()
+    rows = bench.make_rows(batch, n_adapters)
+    bench.decode(rows)
+    build = plan_build_seconds(bench, rows, batch)
+    plain = min(bench.decode(rows) for _ in range(3)) / steps
+    wall, regions, prof = timed_passes(bench, rows, steps)
+    bench.free(rows)
+    busy = load.share()
+    ops = ops_by_region(prof, steps)
     return {
         "batch": batch,
         "adapters": n_adapters,
@@ -475,7 +452,7 @@ def print_profile(p: dict) -> None:
         f"\nProfile: batch {p['batch']}, {p['adapters']} adapters, {p['steps']} decode steps "
         f"(best of 3 passes: {p['ms_step_unpatched']:.1f} ms/step unpatched, "
         f"{p['ms_step_timed']:.1f} with region timers; "
-        f"other load {_fmt_pct(p['other_load'])})"
+        f"other load {fmt(p['other_load'], '.0%')})"
     )
     print(f"  {'region':44s} {'ms/step':>8s} {'share':>6s}")
     for label in inner:
@@ -499,28 +476,19 @@ def print_profile(p: dict) -> None:
 # --------------------------------------------------------------------------- output
 
 
-def _fmt_pct(v) -> str:
-    return "-" if v is None else f"{v:.0%}"
-
-
-def _fmt_ratio(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
 def print_table(results: list[dict]) -> None:
     head = (
         f"{'batch':>5s} {'adapters':>8s} {'distinct':>8s} {'engine tok/s':>12s} "
         f"{'limit tok/s':>12s} {'eng/limit':>9s} {'vs 0-ad':>7s} "
         f"{'eng ms/step':>11s} {'lim ms/step':>11s} {'IQR e/l':>11s} {'other load':>10s}"
     )
-    print(head)
-    print("-" * len(head))
+    print_header(head)
     for r in results:
         print(
             f"{r['batch']:5d} {r['adapters']:8d} {r['distinct']:8d} {r['engine_tok_s']:12.0f} "
-            f"{r['limit_tok_s']:12.0f} {r['ratio_limit']:9.2f} {_fmt_ratio(r['ratio_base']):>7s} "
+            f"{r['limit_tok_s']:12.0f} {r['ratio_limit']:9.2f} {fmt(r['ratio_base'], '.2f'):>7s} "
             f"{r['engine_ms_step']:11.2f} {r['limit_ms_step']:11.2f} "
-            f"{r['engine_iqr']:5.0%}/{r['limit_iqr']:<5.0%} {_fmt_pct(r['other_load']):>10s}"
+            f"{r['engine_iqr']:5.0%}/{r['limit_iqr']:<5.0%} {fmt(r['other_load'], '.0%'):>10s}"
         )
 
 
@@ -571,6 +539,70 @@ def print_memory(mem: dict) -> None:
     )
 
 
+def print_targets(targets: list[dict]) -> None:
+    print("\nTargets:")
+    for t in targets:
+        print(f"  [{t['status']:4s}] {t['target']:48s} measured {fmt(t['value'], '.2f')}")
+
+
+def print_setup(bench: Bench, paths, demo_s: float) -> None:
+    args, spec = bench.args, bench.spec
+    print(
+        f"bench_engine: {spec.arch}, hidden {spec.hidden_size}, intermediate "
+        f"{spec.intermediate_size}, {spec.num_layers} layers, {spec.num_heads}/"
+        f"{spec.num_kv_heads} heads, vocab {spec.vocab_size}, float32, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"prompt {args.prompt_len} tokens, {args.steps} decode steps x {args.repeats} "
+        "repeats; median step times; pages allocated before timing; limit = x @ W.T "
+        "over Model.dense_weights(); engine (every adapter count) and limit steps "
+        "take turns one by one"
+    )
+    print(f"demo: {paths.root} (ready in {demo_s:.1f} s)\n")
+
+
+def measure(bench: Bench) -> list[dict]:
+    """Every batch size and adapter count, with a progress line each on stderr."""
+    results = []
+    for batch in bench.args.batches:
+        for r in bench.measure_batch(batch, bench.args.adapters):
+            results.append(r)
+            print(
+                f"  measured batch {batch} adapters {r['adapters']}: {r['engine_tok_s']:.0f} tok/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return results
+
+
+def print_total(elapsed: float, busy: dict | None) -> None:
+    print(f"\ntotal {elapsed:.0f} s", end="")
+    if busy is not None:
+        print(
+            f"; other processes used {busy['other']:.0%} of the machine's CPU time "
+            f"(steal {busy['steal']:.0%})"
+            + ("; above ~10% the figures are unreliable" if busy["other"] > 0.1 else ""),
+            end="",
+        )
+    print()
+
+
+def config_json(args, paths) -> dict:
+    return {
+        "batches": args.batches,
+        "adapters": args.adapters,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "prompt_len": args.prompt_len,
+        "block_size": args.block_size,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "demo": str(paths.root),
+        "timed": "runner.step + token bookkeeping; pages allocated before timing",
+    }
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -580,36 +612,11 @@ def main(argv=None) -> int:
     load = OtherLoad()
     with torch.inference_mode():
         bench = Bench(args, paths.model_dir, paths.adapter_dirs)
-        spec = bench.spec
-        print(
-            f"bench_engine: {spec.arch}, hidden {spec.hidden_size}, intermediate "
-            f"{spec.intermediate_size}, {spec.num_layers} layers, {spec.num_heads}/"
-            f"{spec.num_kv_heads} heads, vocab {spec.vocab_size}, float32, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}"
-        )
-        print(
-            f"prompt {args.prompt_len} tokens, {args.steps} decode steps x {args.repeats} "
-            "repeats; median step times; pages allocated before timing; limit = x @ W.T "
-            "over Model.dense_weights(); engine (every adapter count) and limit steps "
-            "take turns one by one"
-        )
-        print(f"demo: {paths.root} (ready in {demo_s:.1f} s)\n")
-        results = []
-        for batch in args.batches:
-            for r in bench.measure_batch(batch, args.adapters):
-                results.append(r)
-                print(
-                    f"  measured batch {batch} adapters {r['adapters']}: "
-                    f"{r['engine_tok_s']:.0f} tok/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        print_setup(bench, paths, demo_s)
+        results = measure(bench)
         print_table(results)
         targets = evaluate_targets(results)
-        print("\nTargets:")
-        for t in targets:
-            value = "-" if t["value"] is None else f"{t['value']:.2f}"
-            print(f"  [{t['status']:4s}] {t['target']:48s} measured {value}")
+        print_targets(targets)
         mem = memory_report(bench.pool, bench.adapter_info)
         print_memory(mem)
         prof = None
@@ -620,28 +627,9 @@ def main(argv=None) -> int:
                 print_profile(prof)
     elapsed = time.perf_counter() - t_start
     busy = load.share()
-    print(f"\ntotal {elapsed:.0f} s", end="")
-    if busy is not None:
-        print(
-            f"; other processes used {busy['other']:.0%} of the machine's CPU time "
-            f"(steal {busy['steal']:.0%})"
-            + ("; above ~10% the figures are unreliable" if busy["other"] > 0.1 else ""),
-            end="",
-        )
-    print()
+    print_total(elapsed, busy)
     report = {
-        "config": {
-            "batches": args.batches,
-            "adapters": args.adapters,
-            "steps": args.steps,
-            "repeats": args.repeats,
-            "prompt_len": args.prompt_len,
-            "block_size": args.block_size,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "demo": str(paths.root),
-            "timed": "runner.step + token bookkeeping; pages allocated before timing",
-        },
+        "config": config_json(args, paths),
         "results": results,
         "targets": targets,
         "memory": mem,
@@ -649,7 +637,7 @@ def main(argv=None) -> int:
         "seconds": elapsed,
         "other_load": busy,
     }
-    print(json.dumps(report))
+    print_json_line(report)
     return 0
 
 

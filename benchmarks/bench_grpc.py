@@ -5,8 +5,8 @@ The trace is client/trace.py's (make_trace / iter_trace): power-law adapter
 popularity over --adapters adapters, prompts of random token ids of a seeded
 length, an exact number of new tokens per request (ignore_eos, greedy). Both runs
 drive it closed loop with --concurrency workers taking requests from one shared
-iterator, and measure alike (the engine side reuses lorapool bench's CallResult
-and BenchReport):
+iterator, and measure alike (the engine side reuses lorapool bench's timed_call,
+read_stream and BenchReport):
 
 - engine: an Engine in this process, `engine.generate()` per request;
 - end to end: `lorapool serve` in a subprocess with the same engine settings,
@@ -31,29 +31,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import functools
 import os
 import resource
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from lorapool.client.bench import BenchConfig, run_bench_async
+from common import (
+    BENCH_DEMO,
+    args_json,
+    bench_demos,
+    fmt,
+    int_range,
+    print_header,
+    print_json_line,
+    verdict,
+    warm_engine,
+    warm_requests,
+)
+
+from lorapool.client.bench import BenchConfig, read_stream, run_bench_async, timed_call
 from lorapool.client.report import BenchReport
 from lorapool.client.stats import CallResult
 from lorapool.client.trace import iter_trace, make_trace, prompt_ids, prompt_text
+from lorapool.types import GenerationRequest, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 LORAPOOL = str(Path(sys.executable).with_name("lorapool"))
 TARGET_RATIO = 0.90
-
-
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    return int(lo), int(hi or lo)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop workers")
     p.add_argument("--adapters", type=int, default=32, help="adapters in the mix")
     p.add_argument("--zipf", type=float, default=1.0, help="popularity exponent (0 = uniform)")
-    p.add_argument("--prompt", type=_range, default=(16, 128), help="prompt tokens MIN:MAX")
-    p.add_argument("--output", type=_range, default=(16, 64), help="new tokens MIN:MAX")
+    p.add_argument("--prompt", type=int_range, default=(16, 128), help="prompt tokens MIN:MAX")
+    p.add_argument("--output", type=int_range, default=(16, 64), help="new tokens MIN:MAX")
     p.add_argument("--text", action="store_true", help="send word prompts instead of token ids")
     p.add_argument(
         "--rounds", type=int, default=None, help="engine/server pairs, alternating (default 2)"
@@ -92,17 +102,9 @@ def demo(args):
     the cache that has enough is reused; otherwise one is written."""
     from lorapool.demo import STAMP_VERSION, make_demo
 
-    for stamp in sorted(args.cache_dir.glob("*/demo.json")):
-        try:
-            params = json.loads(stamp.read_text())
-        except (OSError, ValueError):
-            continue
-        wanted = {"preset": "bench", "arch": "llama", "mix": "bench", "seed": 0, "shard_mib": None}
-        if params.get("version") == STAMP_VERSION and all(
-            params.get(k) == v for k, v in wanted.items()
-        ):
-            if params.get("n_adapters", 0) >= args.adapters:
-                return make_demo(stamp.parent, n_adapters=params["n_adapters"], **wanted)
+    for folder, params in bench_demos(args.cache_dir, "*/demo.json"):
+        if params.get("version") == STAMP_VERSION and params.get("n_adapters", 0) >= args.adapters:
+            return make_demo(folder, n_adapters=params["n_adapters"], **BENCH_DEMO)
     root = args.cache_dir / f"bench-grpc-{args.adapters}"
     return make_demo(root, preset="bench", n_adapters=args.adapters, mix="bench")
 
@@ -152,18 +154,6 @@ def server_flags(cfg) -> list[str]:
     ]  # fmt: skip
 
 
-def warm_requests(vocab: int) -> list[dict]:
-    """Base-model requests that touch every code path once (prefill, decode)."""
-    return [
-        {
-            "input_ids": [(97 * i + 7 * k) % (vocab - 100) + 100 for k in range(24 + 8 * i)],
-            "max_new_tokens": 6,
-            "ignore_eos": True,
-        }
-        for i in range(4)
-    ]
-
-
 def self_cpu_s() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -203,81 +193,70 @@ def summary(report: BenchReport, stats0, stats1, cpu_s: float | None) -> dict:
 # --------------------------------------------------------------------------- engine only
 
 
+def trace_adapters(args) -> list[str]:
+    """The adapters the trace asks for, in name order (the base model left out)."""
+    ids = sorted({item.adapter_id for item in make_trace(args.requests, **_trace_kw(args))})
+    return [adapter_id for adapter_id in ids if adapter_id]
+
+
+def engine_request(item, config: BenchConfig, vocab: int):
+    """The GenerationRequest run_bench would send for this trace item."""
+    if config.input_ids:
+        inputs = {"input_ids": prompt_ids(item, vocab)}
+    else:
+        inputs = {"prompt": prompt_text(item)}
+    return GenerationRequest(
+        request_id=f"trace-{item.index}",
+        adapter_id=item.adapter_id,
+        params=SamplingParams(
+            max_new_tokens=item.max_new_tokens,
+            ignore_eos=config.ignore_eos,
+            temperature=config.temperature,
+        ),
+        **inputs,
+    )
+
+
+async def engine_closed_loop(args, engine, config: BenchConfig, vocab: int) -> list[CallResult]:
+    """--concurrency workers taking the trace's items from one shared iterator,
+    each call measured as run_bench measures a Generate stream."""
+    results: list[CallResult] = []
+    items = iter_trace(**_trace_kw(args))
+    remaining = [args.requests]
+
+    async def one(item) -> None:
+        request = engine_request(item, config, vocab)
+        results.append(await timed_call(functools.partial(_engine_stream, engine, request)))
+
+    async def worker() -> None:
+        while remaining[0] > 0:
+            remaining[0] -= 1
+            await one(next(items))
+
+    await asyncio.gather(*(worker() for _ in range(config.concurrency)))
+    return results
+
+
+async def _engine_stream(engine, request, result: CallResult, start: float) -> None:
+    await read_stream(result, engine.generate(request), start)
+
+
 async def engine_run(args, paths, vocab: int) -> dict:
     """The trace through an in-process Engine, measured as run_bench measures."""
     from lorapool.server.engine.engine import Engine
-    from lorapool.types import GenerationRequest, SamplingParams
 
     config = bench_config(args, vocab)
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(None, Engine, engine_config(args, paths))
     await engine.start()
     try:
-        ids = sorted({item.adapter_id for item in make_trace(args.requests, **_trace_kw(args))})
-        for adapter_id in ids:
-            if adapter_id:
-                await engine.load_adapter(adapter_id)
-
-        async def generate(i: int, kwargs: dict) -> int:
-            sampling = {k: kwargs.pop(k) for k in ("max_new_tokens", "ignore_eos") if k in kwargs}
-            request = GenerationRequest(
-                request_id=f"engine-{i}", params=SamplingParams(**sampling), **kwargs
-            )
-            n = 0
-            async for event in engine.generate(request):
-                n += len(event.token_ids)
-            return n
-
-        await asyncio.gather(*(generate(i, dict(w)) for i, w in enumerate(warm_requests(vocab))))
-
-        results: list[CallResult] = []
-        items = iter_trace(**_trace_kw(args))
-        remaining = [args.requests]
-
-        async def one(item) -> None:
-            if config.input_ids:
-                inputs = {"input_ids": prompt_ids(item, vocab)}
-            else:
-                inputs = {"prompt": prompt_text(item)}
-            request = GenerationRequest(
-                request_id=f"trace-{item.index}",
-                adapter_id=item.adapter_id,
-                params=SamplingParams(
-                    max_new_tokens=item.max_new_tokens,
-                    ignore_eos=config.ignore_eos,
-                    temperature=config.temperature,
-                ),
-                **inputs,
-            )
-            result = CallResult(timestamp=time.time(), latency_s=0.0, status="OK")
-            t0 = last = time.perf_counter()
-            try:
-                async for event in engine.generate(request):
-                    n = len(event.token_ids)
-                    if not n:
-                        continue
-                    now = time.perf_counter()
-                    if result.ttft_s is None:
-                        result.ttft_s = now - t0
-                    else:
-                        result.itl_s.extend([(now - last) / n] * n)
-                    last = now
-                    result.tokens += n
-            except Exception as err:  # counted, as the gRPC bench counts a failed call
-                result.status = "Unknown"
-                result.error = f"{type(err).__name__}: {err}"
-            result.latency_s = time.perf_counter() - t0
-            results.append(result)
-
-        async def worker() -> None:
-            while remaining[0] > 0:
-                remaining[0] -= 1
-                await one(next(items))
-
+        for adapter_id in trace_adapters(args):
+            await engine.load_adapter(adapter_id)
+        await warm_engine(engine, vocab, "engine-")
         stats0 = engine.stats()
         cpu0 = self_cpu_s()
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(config.concurrency)))
+        results = await engine_closed_loop(args, engine, config, vocab)
         elapsed = time.perf_counter() - start
         cpu = self_cpu_s() - cpu0
         stats1 = engine.stats()
@@ -338,10 +317,8 @@ async def server_run(args, target: str, proc, vocab: int) -> dict:
 
     async with AsyncLoraPoolClient(target, timeout=600, retries=0) as client:
         await wait_serving(client, proc)
-        ids = sorted({item.adapter_id for item in make_trace(args.requests, **_trace_kw(args))})
-        for adapter_id in ids:
-            if adapter_id:
-                await client.load_adapter(adapter_id)
+        for adapter_id in trace_adapters(args):
+            await client.load_adapter(adapter_id)
 
         async def warm(kwargs: dict) -> None:
             async for _ in client.generate(**kwargs):
@@ -372,10 +349,6 @@ def stop_server(proc: subprocess.Popen) -> int:
 # --------------------------------------------------------------------------- report
 
 
-def fmt(v, spec: str = ".1f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def print_row(name: str, r: dict) -> None:
     t, i = r["ttft_ms"], r["itl_ms"]
     print(
@@ -386,27 +359,12 @@ def print_row(name: str, r: dict) -> None:
     )
 
 
-def median(values: list[float]) -> float:
-    s = sorted(values)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
-
-
-def main(argv=None) -> int:
+def print_setup(args, paths, spec, trace, want_tokens: int, ready_s: float) -> None:
     import torch
 
-    from lorapool.server.model.checkpoint import load_spec
-
-    args = parse_args(argv)
-    t0 = time.perf_counter()
-    paths = demo(args)
-    spec = load_spec(paths.model_dir)
-    vocab = spec.vocab_size
-    trace = make_trace(args.requests, **_trace_kw(args))
-    want_tokens = sum(item.max_new_tokens for item in trace)
     print(
         f"demo: {paths.root} ({len(paths.adapter_dirs)} adapters; {spec.num_layers} layers, "
-        f"hidden {spec.hidden_size}, vocab {vocab}; ready in {time.perf_counter() - t0:.1f}s)"
+        f"hidden {spec.hidden_size}, vocab {spec.vocab_size}; ready in {ready_s:.1f}s)"
     )
     print(
         f"trace: {args.requests} requests over {len({i.adapter_id for i in trace})} of "
@@ -419,6 +377,10 @@ def main(argv=None) -> int:
         f"engine: pool {args.pool_mib:g} MiB, max_running {args.max_running}, max_batch_tokens "
         f"{args.max_batch_tokens}; torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs"
     )
+
+
+def run_rounds(args, paths, vocab: int) -> list[dict]:
+    """--rounds pairs: the engine in this process, then `lorapool serve` end to end."""
     log_path = args.cache_dir / "bench-grpc-serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_bytes(b"")
@@ -433,7 +395,10 @@ def main(argv=None) -> int:
             rc = stop_server(proc)
         print(f", end to end {e2e['tok_s']:.1f} tok/s (server exit {rc})", flush=True)
         rounds.append({"engine": eng, "grpc": e2e, "ratio": e2e["tok_s"] / eng["tok_s"]})
+    return rounds
 
+
+def print_rounds(args, rounds: list[dict]) -> None:
     print(
         "\nSame trace, in-process engine vs end to end over gRPC "
         "(TTFT from send, ITL between tokens, ms)"
@@ -443,41 +408,67 @@ def main(argv=None) -> int:
         f"{'TTFT p50':>8s} {'p90':>8s} {'p99':>8s} {'ITL p50':>7s} {'p99':>7s} "
         f"{'batch':>6s} {'preem':>5s} {'CPU s':>6s} {'tok/CPUs':>7s}"
     )
-    print(head)
-    print("-" * len(head))
+    print_header(head)
     for k, r in enumerate(rounds):
         suffix = f" #{k + 1}" if args.rounds > 1 else ""
         print_row("engine" + suffix, r["engine"])
         print_row("gRPC e2e" + suffix, r["grpc"])
-    ratio = median([r["ratio"] for r in rounds])
+
+
+def judge(args, rounds: list[dict], want_tokens: int) -> dict:
+    """The headline ratios (medians over rounds) and whether the target is met."""
+    ratio = statistics.median([r["ratio"] for r in rounds])
     cpu_ratios = [
         r["grpc"]["tok_per_cpu_s"] / r["engine"]["tok_per_cpu_s"]
         for r in rounds
         if r["grpc"]["tok_per_cpu_s"] and r["engine"]["tok_per_cpu_s"]
     ]
-    cpu_ratio = median(cpu_ratios) if cpu_ratios else None
+    cpu_ratio = statistics.median(cpu_ratios) if cpu_ratios else None
     complete = all(
         r[s]["ok"] == args.requests and r[s]["tokens"] == want_tokens
         for r in rounds
         for s in ("engine", "grpc")
     )
     passed = None if args.quick else ratio >= TARGET_RATIO and complete
+    return {"ratio": ratio, "cpu_ratio": cpu_ratio, "complete": complete, "pass": passed}
+
+
+def print_verdict(args, verdicts: dict, want_tokens: int) -> None:
     print(
-        f"\nend-to-end tok/s / engine tok/s: {ratio:.3f}"
+        f"\nend-to-end tok/s / engine tok/s: {verdicts['ratio']:.3f}"
         + (f" (median of {args.rounds} rounds)" if args.rounds > 1 else "")
     )
     print(
         f"tokens per CPU second, end to end (server + client processes) / engine: "
-        f"{fmt(cpu_ratio, '.3f')}  (less sensitive to other load on the machine)"
+        f"{fmt(verdicts['cpu_ratio'], '.3f')}  (less sensitive to other load on the machine)"
     )
-    mark = {True: "PASS", False: "FAIL", None: "n/a "}[passed]
     print(
-        f"[{mark}] end to end >= {TARGET_RATIO:.0%} of the engine, every request complete "
-        f"({want_tokens} tokens each run: {'yes' if complete else 'NO'})"
+        f"[{verdict(verdicts['pass'])}] end to end >= {TARGET_RATIO:.0%} of the engine, every "
+        f"request complete ({want_tokens} tokens each run: "
+        f"{'yes' if verdicts['complete'] else 'NO'})"
         + ("; a --quick run is too short to judge" if args.quick else "")
     )
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from lorapool.server.model.checkpoint import load_spec
+
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    paths = demo(args)
+    spec = load_spec(paths.model_dir)
+    vocab = spec.vocab_size
+    trace = make_trace(args.requests, **_trace_kw(args))
+    want_tokens = sum(item.max_new_tokens for item in trace)
+    print_setup(args, paths, spec, trace, want_tokens, time.perf_counter() - t0)
+    rounds = run_rounds(args, paths, vocab)
+    print_rounds(args, rounds)
+    verdicts = judge(args, rounds, want_tokens)
+    print_verdict(args, verdicts, want_tokens)
     result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        "config": args_json(args)
         | {
             "demo": str(paths.root),
             "vocab": vocab,
@@ -486,13 +477,13 @@ def main(argv=None) -> int:
             "trace_tokens": want_tokens,
         },
         "rounds": rounds,
-        "ratio": ratio,
-        "cpu_ratio": cpu_ratio,
+        "ratio": verdicts["ratio"],
+        "cpu_ratio": verdicts["cpu_ratio"],
         "target": TARGET_RATIO,
-        "complete": complete,
-        "pass": passed,
+        "complete": verdicts["complete"],
+        "pass": verdicts["pass"],
     }
-    print(json.dumps(result))
+    print_json_line(result)
     return 0
 
 

@@ -58,10 +58,24 @@ import os
 import statistics
 import sys
 import time
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import (
+    BENCH_DEMO,
+    RegionTimer,
+    args_json,
+    bench_demos,
+    fmt,
+    int_list,
+    int_range,
+    pct,
+    print_header,
+    print_json_line,
+    verdict,
+    warm_engine,
+)
 
 from lorapool.client.trace import make_trace, prompt_ids
 from lorapool.memory.adapter_layout import pack_adapter
@@ -76,33 +90,23 @@ from lorapool.server.model.attention import PagedAttention
 from lorapool.server.model.checkpoint import load_spec
 from lorapool.server.model.lora import LoraBatch
 from lorapool.server.model.model import Model
-from lorapool.types import GenerationRequest, SamplingParams
+from lorapool.types import EngineStats, GenerationRequest, SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache"
 DEMO_PREFIX = "bench-trace-"
-DEMO_PARAMS = {"preset": "bench", "arch": "llama", "mix": "bench", "seed": 0, "shard_mib": None}
 PAGES_FILE = "bench-trace-pages.json"
 CORES = os.cpu_count() or 1
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    return int(lo), int(hi or lo)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=256, help="requests per fleet size")
     p.add_argument("--rps", type=float, default=None, help="Poisson arrival rate (req/s)")
-    p.add_argument("--adapters", type=_ints, default=[8, 100, 1000], help="fleet sizes")
+    p.add_argument("--adapters", type=int_list, default=[8, 100, 1000], help="fleet sizes")
     p.add_argument("--zipf", type=float, default=0.8, help="popularity exponent (0 = uniform)")
-    p.add_argument("--prompt", type=_range, default=(16, 128), help="prompt tokens MIN:MAX")
-    p.add_argument("--output", type=_range, default=(16, 64), help="new tokens MIN:MAX")
+    p.add_argument("--prompt", type=int_range, default=(16, 128), help="prompt tokens MIN:MAX")
+    p.add_argument("--output", type=int_range, default=(16, 64), help="new tokens MIN:MAX")
     p.add_argument("--max-running", type=int, default=64, help="engine running batch cap")
     p.add_argument("--max-batch-tokens", type=int, default=512, help="engine token budget")
     p.add_argument(
@@ -146,13 +150,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
-
-
 # --------------------------------------------------------------------------- setup
 
 
@@ -161,20 +158,12 @@ def demo_for(n: int, cache: Path):
     from lorapool.demo import make_demo
 
     best = None
-    for stamp in sorted(cache.glob(f"{DEMO_PREFIX}*/demo.json")):
-        try:
-            params = json.loads(stamp.read_text())
-        except (OSError, ValueError):
-            continue
-        if all(params.get(k) == v for k, v in DEMO_PARAMS.items()):
-            if params.get("n_adapters", 0) >= n and (
-                best is None or params["n_adapters"] < best[1]
-            ):
-                best = (stamp.parent, params["n_adapters"])
+    for folder, params in bench_demos(cache, f"{DEMO_PREFIX}*/demo.json"):
+        if params.get("n_adapters", 0) >= n and (best is None or params["n_adapters"] < best[1]):
+            best = (folder, params["n_adapters"])
     root, count = best or (cache / f"{DEMO_PREFIX}{n}", n)
-    kw = {k: v for k, v in DEMO_PARAMS.items()}
     t0 = time.perf_counter()
-    paths = make_demo(root, n_adapters=count, **kw)
+    paths = make_demo(root, n_adapters=count, **BENCH_DEMO)
     return paths, time.perf_counter() - t0
 
 
@@ -212,42 +201,6 @@ def adapter_pages(paths, n: int, block_size: int) -> tuple[list[dict], int, floa
         cache_file.write_text(json.dumps(cached))
     out = [rows[d.name] | {"name": d.name} for d in paths.adapter_dirs[:n]]
     return out, page_elems * 4, time.perf_counter() - t0
-
-
-# --------------------------------------------------------------------------- timers
-
-
-class RegionTimer:
-    """Inclusive wall time and calls of named engine functions, patched in for the
-    duration. Load threads run concurrently with steps, so their time overlaps."""
-
-    def __init__(self):
-        self.total: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self.step_rows: list[int] = []
-        self._patches = []
-
-    def wrap(self, owner, name: str, label: str) -> None:
-        fn = getattr(owner, name)
-        total, calls, rows = self.total, self.calls, self.step_rows
-
-        def timed(*a, **kw):
-            if label == "runner.step":
-                rows.append(len(a[1]))
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                total[label] += time.perf_counter() - t0
-                calls[label] += 1
-
-        self._patches.append((owner, name, fn))
-        setattr(owner, name, timed)
-
-    def restore(self) -> None:
-        for owner, name, fn in reversed(self._patches):
-            setattr(owner, name, fn)
-        self._patches.clear()
 
 
 # (owner, attribute, label); "step thread" rows nest: runner.step contains the rest.
@@ -319,24 +272,25 @@ async def replay(engine: Engine, trace, vocab: int) -> tuple[list[dict], float, 
     return records, t0, running_samples
 
 
-async def warm_up(engine: Engine, vocab: int) -> None:
-    """Base-model requests only, so no adapter is loaded before the trace."""
+@dataclass
+class EngineRun:
+    """What one replay measured: the requests' records, samples of the running
+    batch, this process's CPU seconds, engine stats before and after, the loop's
+    scheduling and step seconds, the region timers and the rows of every step."""
 
-    async def one(i: int) -> None:
-        req = GenerationRequest(
-            request_id=f"warm-{i}",
-            input_ids=[(97 * i + 7 * k) % (vocab - 100) + 100 for k in range(24 + 8 * i)],
-            params=SamplingParams(max_new_tokens=6, ignore_eos=True),
-        )
-        async for _ in engine.generate(req):
-            pass
+    records: list[dict]
+    running: list[int]
+    cpu_s: float
+    before: EngineStats
+    after: EngineStats
+    schedule_s: float
+    step_s: float
+    timer: RegionTimer
+    step_rows: list[int]
 
-    await asyncio.gather(*(one(i) for i in range(4)))
 
-
-async def run_engine(args, paths, trace, n: int, pool_mib: float, host_mib: float) -> dict:
-    spec = load_spec(paths.model_dir)
-    cfg = EngineConfig(
+def engine_config(args, paths, n_requests: int, pool_mib: float, host_mib: float):
+    return EngineConfig(
         model_dir=str(paths.model_dir),
         adapter_dirs=[str(paths.adapters_dir)],
         pool_mib=pool_mib,
@@ -344,45 +298,70 @@ async def run_engine(args, paths, trace, n: int, pool_mib: float, host_mib: floa
         max_running=args.max_running,
         max_batch_tokens=args.max_batch_tokens,
         starvation_steps=args.starvation_steps,
-        max_waiting=max(1024, len(trace) + 16),
+        max_waiting=max(1024, n_requests + 16),
     )
-    engine = Engine(cfg)
+
+
+async def run_engine(args, paths, trace, n: int, pool_mib: float, host_mib: float) -> dict:
+    """The trace through a fresh engine, after base-model requests only (so no
+    adapter is loaded before the trace), with REGIONS timed."""
+    spec = load_spec(paths.model_dir)
+    engine = Engine(engine_config(args, paths, len(trace), pool_mib, host_mib))
     await engine.start()
     timer = RegionTimer()
+    step_rows: list[int] = []
+
+    def count_rows(runner, scheduled, *args, **kwargs) -> None:
+        step_rows.append(len(scheduled))
+
     try:
-        await warm_up(engine, spec.vocab_size)
+        await warm_engine(engine, spec.vocab_size, "warm-")
         s0 = engine.stats()
         sched0, step0 = engine.schedule_seconds, engine.step_seconds
-        for owner, name, label in REGIONS:
-            timer.wrap(owner, name, label)
+        timer.wrap_all(REGIONS, before={"runner.step": count_rows})
         c0 = time.process_time()
-        records, t0, running = await replay(engine, trace, spec.vocab_size)
+        records, _, running = await replay(engine, trace, spec.vocab_size)
         cpu = time.process_time() - c0
         timer.restore()
         s1 = engine.stats()
         sched, step = engine.schedule_seconds - sched0, engine.step_seconds - step0
-        idle = s1.total_pages - s1.free_pages - s1.adapter_pages - s1.cached_pages
     finally:
         timer.restore()
         await engine.stop()
-    ok = [r for r in records if r["error"] is None and len(r["tokens"]) == r["want"]]
-    failed = [r for r in records if r not in ok]
-    start = min(r["arrival"] for r in records)
-    span = max(r["end"] for r in records) - start
-    tokens = sum(len(r["tokens"]) for r in ok)
-    ttft = [1e3 * (r["times"][0] - r["arrival"]) for r in ok if r["times"]]
-    # A request is cold when it is the first of its adapter in the trace: its
-    # adapter has to come from disk before it can start.
+    return summarize_run(n, EngineRun(records, running, cpu, s0, s1, sched, step, timer, step_rows))
+
+
+def latencies_ms(records: list[dict], ok: list[dict]) -> dict[str, list[float]]:
+    """TTFT from arrival of the ok requests: all, cold and warm; and every gap
+    between consecutive tokens. A request is cold when it is the first of its
+    adapter in the trace: its adapter has to come from disk before it can start."""
     seen: set[str] = set()
     cold_ids = set()
     for r in sorted(records, key=lambda r: r["arrival"]):
         if r["adapter"] not in seen:
             seen.add(r["adapter"])
             cold_ids.add(r["index"])
-    cold = [1e3 * (r["times"][0] - r["arrival"]) for r in ok if r["index"] in cold_ids]
-    warm = [1e3 * (r["times"][0] - r["arrival"]) for r in ok if r["index"] not in cold_ids]
-    itl = [1e3 * (b - a) for r in ok for a, b in zip(r["times"], r["times"][1:], strict=False)]
-    rows = timer.step_rows
+    return {
+        "ttft": [1e3 * (r["times"][0] - r["arrival"]) for r in ok if r["times"]],
+        "cold": [1e3 * (r["times"][0] - r["arrival"]) for r in ok if r["index"] in cold_ids],
+        "warm": [1e3 * (r["times"][0] - r["arrival"]) for r in ok if r["index"] not in cold_ids],
+        "itl": [
+            1e3 * (b - a) for r in ok for a, b in zip(r["times"], r["times"][1:], strict=False)
+        ],
+    }
+
+
+def summarize_run(n: int, run: EngineRun) -> dict:
+    records, cpu, s0, s1 = run.records, run.cpu_s, run.before, run.after
+    sched, step, timer = run.schedule_s, run.step_s, run.timer
+    idle = s1.total_pages - s1.free_pages - s1.adapter_pages - s1.cached_pages
+    ok = [r for r in records if r["error"] is None and len(r["tokens"]) == r["want"]]
+    failed = [r for r in records if r not in ok]
+    start = min(r["arrival"] for r in records)
+    span = max(r["end"] for r in records) - start
+    tokens = sum(len(r["tokens"]) for r in ok)
+    lat = latencies_ms(records, ok)
+    ttft, cold, warm, itl = lat["ttft"], lat["cold"], lat["warm"], lat["itl"]
     regions = {
         k: {"s": timer.total[k], "calls": timer.calls[k]} for _, _, k in REGIONS if k in timer.calls
     }
@@ -399,15 +378,15 @@ async def run_engine(args, paths, trace, n: int, pool_mib: float, host_mib: floa
         "cpu_s": cpu,
         "tok_per_cpu_s": tokens / cpu if cpu > 0 else 0.0,
         "cpu_share": cpu / (span * CORES) if span > 0 else 0.0,
-        "ttft_ms_p50": pct(ttft, 0.5),
-        "ttft_ms_p99": pct(ttft, 0.99),
-        "ttft_cold_ms_p50": pct(cold, 0.5),
-        "ttft_cold_ms_p99": pct(cold, 0.99),
-        "ttft_warm_ms_p50": pct(warm, 0.5),
-        "ttft_warm_ms_p99": pct(warm, 0.99),
+        "ttft_ms_p50": pct(ttft, 50),
+        "ttft_ms_p99": pct(ttft, 99),
+        "ttft_cold_ms_p50": pct(cold, 50),
+        "ttft_cold_ms_p99": pct(cold, 99),
+        "ttft_warm_ms_p50": pct(warm, 50),
+        "ttft_warm_ms_p99": pct(warm, 99),
         "cold_requests": len(cold),
-        "itl_ms_p50": pct(itl, 0.5),
-        "itl_ms_p99": pct(itl, 0.99),
+        "itl_ms_p50": pct(itl, 50),
+        "itl_ms_p99": pct(itl, 99),
         "adapter_loads": s1.adapter_loads - s0.adapter_loads,
         "adapter_evictions": s1.adapter_evictions - s0.adapter_evictions,
         "preemptions": s1.preemptions - s0.preemptions,
@@ -416,8 +395,8 @@ async def run_engine(args, paths, trace, n: int, pool_mib: float, host_mib: floa
         "step_s": step,
         "sched_overhead": sched / (sched + step) if sched + step > 0 else 0.0,
         "step_busy": step / span if span > 0 else 0.0,
-        "mean_step_rows": statistics.fmean(rows) if rows else 0.0,
-        "mean_running": statistics.fmean(running) if running else 0.0,
+        "mean_step_rows": statistics.fmean(run.step_rows) if run.step_rows else 0.0,
+        "mean_running": statistics.fmean(run.running) if run.running else 0.0,
         "kv_pages_at_end": idle,
         "total_pages": s1.total_pages,
         "host_cache_bytes_end": s1.host_cache_bytes,
@@ -429,13 +408,13 @@ async def run_engine(args, paths, trace, n: int, pool_mib: float, host_mib: floa
 # --------------------------------------------------------------------------- peer
 
 
-def run_peer(args, paths, trace, n: int) -> dict:
+def load_peer(paths, n: int):
+    """One PeftModel holding the first n adapters of the demo, with EOS disabled
+    (ignore-EOS semantics: nothing stops a row before max_new_tokens); returns
+    (model, seconds the loading took)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    spec = load_spec(paths.model_dir)
-    pad = spec.hf_config.pad_token_id if spec.hf_config is not None else 0
-    pad = 0 if pad is None else pad
     t0 = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(str(paths.model_dir), dtype=torch.float32)
     dirs = paths.adapter_dirs[:n]
@@ -443,47 +422,57 @@ def run_peer(args, paths, trace, n: int) -> dict:
     for d in dirs[1:]:
         model.load_adapter(str(d), adapter_name=d.name)
     model.eval()
-    # Ignore-EOS semantics: nothing stops a row before max_new_tokens.
     model.generation_config.eos_token_id = None
     model.base_model.model.generation_config.eos_token_id = None
-    load_s = time.perf_counter() - t0
+    return model, time.perf_counter() - t0
 
-    def generate(items) -> tuple[list[list[int]], float]:
-        prompts = [prompt_ids(it, spec.vocab_size) for it in items]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(items), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        new = max(it.max_new_tokens for it in items)
-        t, c = time.perf_counter(), time.process_time()
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                adapter_names=[it.adapter_id or "__base__" for it in items],
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=pad,
-            )
-        dt = time.perf_counter() - t
-        cpu[0] += time.process_time() - c
-        gen = out[:, width:]
-        if gen.shape[1] != new:
-            raise RuntimeError(f"peer generated {gen.shape[1]} tokens, expected {new}")
-        return [gen[i, : it.max_new_tokens].tolist() for i, it in enumerate(items)], dt
 
-    cpu = [0.0]
-    generate(trace[:2])  # warm-up
-    cpu[0] = 0.0
-    clock, compute, outputs, batches = 0.0, 0.0, {}, 0
+def peer_generate(model, items, vocab: int, pad: int) -> tuple[list[list[int]], float, float]:
+    """One left-padded mixed-adapter static batch, greedy, every row run to the
+    batch's longest max_new_tokens: each request's own tokens, wall seconds and
+    CPU seconds of the generate call."""
+    prompts = [prompt_ids(it, vocab) for it in items]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    new = max(it.max_new_tokens for it in items)
+    t, c = time.perf_counter(), time.process_time()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            adapter_names=[it.adapter_id or "__base__" for it in items],
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    dt = time.perf_counter() - t
+    cpu = time.process_time() - c
+    gen = out[:, width:]
+    if gen.shape[1] != new:
+        raise RuntimeError(f"peer generated {gen.shape[1]} tokens, expected {new}")
+    return [gen[i, : it.max_new_tokens].tolist() for i, it in enumerate(items)], dt, cpu
+
+
+def run_peer(args, paths, trace, n: int) -> dict:
+    """The trace in arrival order, in static batches of --peer-batch: a batch
+    starts when its last request has arrived and the previous batch is done."""
+    spec = load_spec(paths.model_dir)
+    pad = spec.hf_config.pad_token_id if spec.hf_config is not None else 0
+    pad = 0 if pad is None else pad
+    model, load_s = load_peer(paths, n)
+    peer_generate(model, trace[:2], spec.vocab_size, pad)  # warm-up
+    clock, compute, cpu, outputs, batches = 0.0, 0.0, 0.0, {}, 0
     for b in range(0, len(trace), args.peer_batch):
         items = trace[b : b + args.peer_batch]
         start = max(clock, items[-1].arrival_s)
-        outs, dt = generate(items)
+        outs, dt, batch_cpu = peer_generate(model, items, spec.vocab_size, pad)
         clock, compute, batches = start + dt, compute + dt, batches + 1
+        cpu += batch_cpu
         for it, o in zip(items, outs, strict=True):
             outputs[it.index] = o
     tokens = sum(it.max_new_tokens for it in trace)
@@ -498,9 +487,9 @@ def run_peer(args, paths, trace, n: int) -> dict:
         "span_s": clock,
         "tok_s": tokens / clock,
         "compute_tok_s": tokens / compute,
-        "cpu_s": cpu[0],
-        "tok_per_cpu_s": tokens / cpu[0] if cpu[0] > 0 else 0.0,
-        "cpu_share": cpu[0] / (compute * CORES) if compute > 0 else 0.0,
+        "cpu_s": cpu,
+        "tok_per_cpu_s": tokens / cpu if cpu > 0 else 0.0,
+        "cpu_share": cpu / (compute * CORES) if compute > 0 else 0.0,
         "outputs": outputs,
     }
 
@@ -527,20 +516,27 @@ def agreement(ours: dict, peer: dict) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def fmt(v, spec: str = ".1f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def print_table(result: dict) -> None:
     runs, peers = result["runs"], result["peer"]
+    print_rows(runs, peers)
+    print_notes(runs, peers)
+    print("\nRatios")
+    for k, v in result["ratios"].items():
+        print(f"  {k:38s} {fmt(v, '.2f')}")
+    print("\nTargets")
+    for t in result["targets"]:
+        print(f"  [{verdict(t['pass'])}] {t['name']}: {t['detail']}")
+
+
+def print_rows(runs: list[dict], peers: dict) -> None:
+    """One row per engine run and per peer run (or why the peer was skipped)."""
     print("\nTrace replay (tok/s: generated tokens of ok requests / wall span)")
     head = (
         f"{'system':>10s} {'adapters':>8s} {'tok/s':>8s} {'TTFT p50':>9s} {'p99':>8s} "
         f"{'ITL p50':>8s} {'p99':>7s} {'ok':>4s} {'fail':>4s} {'loads':>5s} {'evict':>5s} "
         f"{'preempt':>7s} {'batch':>5s} {'sched':>6s} {'tok/cpu-s':>9s} {'cpu':>4s}"
     )
-    print(head)
-    print("-" * len(head))
+    print_header(head)
     for r in runs:
         print(
             f"{'lorapool':>10s} {r['adapters']:8d} {r['tok_s']:8.1f} {fmt(r['ttft_ms_p50']):>9s} "
@@ -558,6 +554,10 @@ def print_table(result: dict) -> None:
             f"{'-':>8s} {'-':>7s} {p['requests']:4d} {0:4d} {'-':>5s} {'-':>5s} {'-':>7s} "
             f"{p['batch']:5d} {'-':>6s} {p['tok_per_cpu_s']:9.1f} {p['cpu_share']:4.0%}"
         )
+
+
+def print_notes(runs: list[dict], peers: dict) -> None:
+    """What the columns mean, cold and warm TTFT, and the peer's agreement."""
     print(
         "  TTFT/ITL in ms; TTFT from arrival (queueing included); batch = mean rows per "
         "engine step (peer: static batch); sched = scheduler share of loop time;\n"
@@ -581,13 +581,6 @@ def print_table(result: dict) -> None:
                 f"{a['identical']}/{a['compared']} requests (mean matching prefix "
                 f"{fmt(a['mean_prefix'], '.0%')})"
             )
-    print("\nRatios")
-    for k, v in result["ratios"].items():
-        print(f"  {k:38s} {fmt(v, '.2f')}")
-    print("\nTargets")
-    for t in result["targets"]:
-        mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["pass"]]
-        print(f"  [{mark}] {t['name']}: {t['detail']}")
 
 
 def print_regions(r: dict) -> None:
@@ -650,6 +643,87 @@ def evaluate(args, runs: dict, peers: dict) -> tuple[dict, list[dict]]:
     return ratios, targets
 
 
+def size_memory(args, pages: list[dict], page_bytes: int) -> dict:
+    """Pool and host cache of every run, sized from the largest fleet."""
+    total_pages = sum(a["pages"] for a in pages)
+    total_bytes = sum(a["packed_bytes"] for a in pages)
+    max_len = args.prompt[1] + args.output[1]
+    kv_pages = args.max_running * -(-max_len // 16)
+    adapter_room = max(
+        math.ceil(args.adapter_fraction * total_pages), 2 * max(a["pages"] for a in pages)
+    )
+    pool_pages = math.ceil((kv_pages + adapter_room) / (1 - 0.02))  # engine watermark 2%
+    return {
+        "pool_mib": (pool_pages + 0.5) * page_bytes / 2**20,
+        "pool_pages": pool_pages,
+        "page_bytes": page_bytes,
+        "adapter_room_pages": adapter_room,
+        "kv_pages": kv_pages,
+        "host_cache_mib": args.host_fraction * total_bytes / 2**20,
+        "fleet_pages": total_pages,
+        "fleet_packed_bytes": total_bytes,
+        "mean_adapter_pages": total_pages / len(pages),
+    }
+
+
+def print_setup(args, pages: list[dict], pages_s: float, memory: dict) -> None:
+    total_pages, page_bytes = memory["fleet_pages"], memory["page_bytes"]
+    mean_pages, adapter_room = memory["mean_adapter_pages"], memory["adapter_room_pages"]
+    max_len = args.prompt[1] + args.output[1]
+    print(
+        f"adapters: {len(pages)} measured in {pages_s:.1f}s: {mean_pages:.1f} pages each on "
+        f"average (min {min(a['pages'] for a in pages)}, max {max(a['pages'] for a in pages)}), "
+        f"{total_pages} pages = {total_pages * page_bytes / 2**20:.0f} MiB in all"
+    )
+    print(
+        f"pool: {memory['pool_pages']} pages of {page_bytes // 1024} KiB = "
+        f"{memory['pool_mib']:.0f} MiB ({adapter_room} adapter pages = "
+        f"{adapter_room / total_pages:.0%} of the fleet, about {adapter_room / mean_pages:.0f} "
+        f"adapters; {memory['kv_pages']} KV pages for {args.max_running} x {max_len} tokens); "
+        f"host cache {memory['host_cache_mib']:.0f} MiB "
+        f"({args.host_fraction:.0%} of the fleet's packed bytes)"
+    )
+    print(
+        f"trace: {args.requests} requests/run, {args.rps:g} req/s Poisson, zipf {args.zipf:g}, "
+        f"prompt {args.prompt[0]}-{args.prompt[1]}, output {args.output[0]}-{args.output[1]} "
+        f"(ignore_eos), seed {args.seed}; torch threads {torch.get_num_threads()}"
+    )
+
+
+def run_fleet(args, paths, n: int, memory: dict, runs: dict, peers: dict) -> None:
+    """One fleet size: the engine run into runs[n]; the peer run (or why it was
+    skipped, under str(n)) into peers."""
+    trace = make_trace(
+        args.requests,
+        n,
+        zipf=args.zipf,
+        rps=args.rps,
+        prompt_tokens=args.prompt,
+        max_new_tokens=args.output,
+        seed=args.seed,
+    )
+    t0 = time.perf_counter()
+    pool_mib, host_mib = memory["pool_mib"], memory["host_cache_mib"]
+    r = asyncio.run(run_engine(args, paths, trace, n, pool_mib, host_mib))
+    print(
+        f"engine n={n}: {r['tok_s']:.1f} tok/s, {r['ok']}/{r['requests']} ok, "
+        f"{r['distinct_adapters']} distinct adapters, {r['adapter_loads']} loads, "
+        f"{r['adapter_evictions']} evictions ({time.perf_counter() - t0:.0f}s)",
+        flush=True,
+    )
+    runs[n] = r
+    if args.no_peer:
+        return
+    if n > args.peer_max_adapters:
+        peers[str(n)] = {"skipped": f"more than {args.peer_max_adapters} adapters"}
+        return
+    t0 = time.perf_counter()
+    p = run_peer(args, paths, trace, n)
+    p["agreement"] = agreement(r["outputs"], p["outputs"])
+    peers[n] = p
+    print(f"peer n={n}: {p['tok_s']:.1f} tok/s ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -659,83 +733,19 @@ def main(argv=None) -> int:
     print(f"demo: {paths.root} ({len(paths.adapter_dirs)} adapters, ready in {demo_s:.1f}s)")
     pages, page_bytes, pages_s = adapter_pages(paths, fleet, 16)
     spec = load_spec(paths.model_dir)
-    total_pages = sum(a["pages"] for a in pages)
-    total_bytes = sum(a["packed_bytes"] for a in pages)
-    max_len = args.prompt[1] + args.output[1]
-    kv_pages = args.max_running * -(-max_len // 16)
-    adapter_room = max(
-        math.ceil(args.adapter_fraction * total_pages), 2 * max(a["pages"] for a in pages)
-    )
-    pool_pages = math.ceil((kv_pages + adapter_room) / (1 - 0.02))  # engine watermark 2%
-    pool_mib = (pool_pages + 0.5) * page_bytes / 2**20
-    host_mib = args.host_fraction * total_bytes / 2**20
-    mean_pages = total_pages / len(pages)
-    print(
-        f"adapters: {len(pages)} measured in {pages_s:.1f}s: {mean_pages:.1f} pages each on "
-        f"average (min {min(a['pages'] for a in pages)}, max {max(a['pages'] for a in pages)}), "
-        f"{total_pages} pages = {total_pages * page_bytes / 2**20:.0f} MiB in all"
-    )
-    print(
-        f"pool: {pool_pages} pages of {page_bytes // 1024} KiB = {pool_mib:.0f} MiB "
-        f"({adapter_room} adapter pages = {adapter_room / total_pages:.0%} of the fleet, about "
-        f"{adapter_room / mean_pages:.0f} adapters; {kv_pages} KV pages for {args.max_running} "
-        f"x {max_len} tokens); host cache {host_mib:.0f} MiB "
-        f"({args.host_fraction:.0%} of the fleet's packed bytes)"
-    )
-    print(
-        f"trace: {args.requests} requests/run, {args.rps:g} req/s Poisson, zipf {args.zipf:g}, "
-        f"prompt {args.prompt[0]}-{args.prompt[1]}, output {args.output[0]}-{args.output[1]} "
-        f"(ignore_eos), seed {args.seed}; torch threads {torch.get_num_threads()}"
-    )
+    memory = size_memory(args, pages, page_bytes)
+    print_setup(args, pages, pages_s, memory)
     runs: dict[int, dict] = {}
     peers: dict = {}
     for n in args.adapters:
-        trace = make_trace(
-            args.requests,
-            n,
-            zipf=args.zipf,
-            rps=args.rps,
-            prompt_tokens=args.prompt,
-            max_new_tokens=args.output,
-            seed=args.seed,
-        )
-        t0 = time.perf_counter()
-        r = asyncio.run(run_engine(args, paths, trace, n, pool_mib, host_mib))
-        print(
-            f"engine n={n}: {r['tok_s']:.1f} tok/s, {r['ok']}/{r['requests']} ok, "
-            f"{r['distinct_adapters']} distinct adapters, {r['adapter_loads']} loads, "
-            f"{r['adapter_evictions']} evictions ({time.perf_counter() - t0:.0f}s)",
-            flush=True,
-        )
-        runs[n] = r
-        if args.no_peer:
-            continue
-        if n > args.peer_max_adapters:
-            peers[str(n)] = {"skipped": f"more than {args.peer_max_adapters} adapters"}
-            continue
-        t0 = time.perf_counter()
-        p = run_peer(args, paths, trace, n)
-        p["agreement"] = agreement(r["outputs"], p["outputs"])
-        peers[n] = p
-        print(f"peer n={n}: {p['tok_s']:.1f} tok/s ({time.perf_counter() - t0:.0f}s)", flush=True)
+        run_fleet(args, paths, n, memory, runs, peers)
     peers_by_int = {k: v for k, v in peers.items() if isinstance(k, int)}
     ratios, targets = evaluate(args, runs, peers_by_int)
     result = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        | {
-            "demo": str(paths.root),
-            "pool_mib": pool_mib,
-            "pool_pages": pool_pages,
-            "page_bytes": page_bytes,
-            "adapter_room_pages": adapter_room,
-            "kv_pages": kv_pages,
-            "host_cache_mib": host_mib,
-            "fleet_pages": total_pages,
-            "fleet_packed_bytes": total_bytes,
-            "mean_adapter_pages": mean_pages,
-            "torch_threads": torch.get_num_threads(),
-            "vocab": spec.vocab_size,
-        },
+        "config": args_json(args)
+        | {"demo": str(paths.root)}
+        | memory
+        | {"torch_threads": torch.get_num_threads(), "vocab": spec.vocab_size},
         "runs": [{k: v for k, v in r.items() if k != "outputs"} for r in runs.values()],
         "peer": {
             str(k): {kk: vv for kk, vv in v.items() if kk != "outputs"} for k, v in peers.items()
@@ -746,7 +756,7 @@ def main(argv=None) -> int:
     print_table(result)
     for r in runs.values():
         print_regions(r)
-    print(json.dumps(result))
+    print_json_line(result)
     return 0
 
 
