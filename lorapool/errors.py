@@ -51,3 +51,10 @@ class QueueFull(LoraPoolError):
 class Draining(LoraPoolError):
     status = "UNAVAILABLE"
     reason = "DRAINING"
+
+
+class NoTokenizer(LoraPoolError):
+    """The server runs a checkpoint without a tokenizer: only token ids work."""
+
+    status = "FAILED_PRECONDITION"
+    reason = "NO_TOKENIZER"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -32,9 +33,13 @@ class LoraPoolService:
     """One instance per engine. `engine` is None while the model loads: every call
     is then refused with UNAVAILABLE."""
 
-    def __init__(self, engine=None, metrics: Metrics | None = None):
+    def __init__(
+        self, engine=None, metrics: Metrics | None = None, source_policy: SourcePolicy | None = None
+    ):
         self.engine = engine
         self.metrics = metrics or Metrics()
+        # LoadAdapter sources allowed; None: the engine's adapter roots and hf://
+        self.source_policy = source_policy
 
     # -- inference ------------------------------------------------------------------------
     async def generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
@@ -49,13 +54,18 @@ class LoraPoolService:
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         engine = self._ready("Tokenize")
-        ids, tokens = engine.tokenize(request.text, request.return_tokens)
+        with self._rejections("Tokenize"):
+            ids, tokens = await engine.tokenize(request.text, request.return_tokens)
         return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
 
     # -- adapters ---------------------------------------------------------------------------
     async def load_adapter(self, request: pb.LoadAdapterRequest) -> pb.LoadAdapterResponse:
         engine = self._ready("LoadAdapter")
         with self._rejections("LoadAdapter", request.adapter_id):
+            if request.source:  # refused before any source is asked or any adapter replaced
+                if self.source_policy is None:
+                    self.source_policy = SourcePolicy.default(engine.config.adapter_dirs)
+                self.source_policy.check(request.source)
             info = await engine.load_adapter(
                 request.adapter_id, request.source or None, request.pin
             )
@@ -171,4 +181,94 @@ class LoraPoolService:
                 tokens,
                 usage.ttft_ms if usage else -1.0,
                 (time.monotonic() - start) * 1000,
+            )
+
+
+# -- LoadAdapter sources -----------------------------------------------------------------------
+
+
+class SourceNotAllowed(LoraPoolError):
+    """A LoadAdapter source outside the server's allow-list."""
+
+    status = "PERMISSION_DENIED"
+    reason = "SOURCE_NOT_ALLOWED"
+
+
+def _scheme(uri: str) -> str:
+    """The scheme SourceRegistry.fetch picks for uri ("file" for a plain path)."""
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def _local_path(uri: str) -> str:
+    """The absolute, lexically normalised path LocalSource would read for uri; no
+    filesystem access, so nothing is read before the check."""
+    return os.path.normpath(os.path.abspath(os.path.expanduser(uri.removeprefix("file://"))))
+
+
+class SourcePolicy:
+    """Which LoadAdapter sources may be read. A rule is a path prefix (a directory:
+    it allows itself and everything below it, after `..` and `~` are resolved), a
+    URI scheme (`hf://` allows every hub repo) or a scheme with a prefix (`hf://org/`
+    allows one org, `hf://org/repo` one repo at any revision). `file://` as a rule
+    allows every local path. No rules: every explicit source is refused.
+
+    `check` raises SourceNotAllowed before any source is asked; its message names
+    the flag and the kinds of rules, never a server path."""
+
+    FLAG = "--adapter-source-allow"
+
+    def __init__(self, rules: list[str] | tuple[str, ...] = ()):
+        self.paths: list[str] = []
+        self.uris: list[str] = []
+        for rule in rules:
+            rule = rule.strip()
+            if not rule:
+                raise ValueError(f"{self.FLAG}: empty rule")
+            if "://" in rule and _scheme(rule) != "file":
+                scheme, _, rest = rule.partition("://")
+                if not scheme or any(p in (".", "..") for p in rest.split("/")):
+                    raise ValueError(f"{self.FLAG}: bad rule {rule!r}")
+                self.uris.append(rule)
+            elif rule == "file://":
+                self.paths.append(os.path.sep)
+            else:
+                self.paths.append(_local_path(rule))
+
+    @classmethod
+    def default(cls, roots: list[str | os.PathLike] | tuple = ()) -> SourcePolicy:
+        """The adapter root directories and the Hugging Face Hub."""
+        return cls([*(str(r) for r in roots), "hf://"])
+
+    def allows(self, source: str) -> bool:
+        scheme = _scheme(source)
+        if scheme == "file":
+            path = _local_path(source)
+            return any(
+                path == p or path.startswith(p.rstrip(os.path.sep) + os.path.sep)
+                for p in self.paths
+            )
+        rest = source[len(scheme) + 3 :]
+        if any(part in (".", "..") for part in rest.replace("@", "/").split("/")):
+            return False  # no rule may be escaped by a relative segment
+        for rule in self.uris:
+            if rule.endswith("/") and source.startswith(rule):
+                return True
+            if source == rule or (source.startswith(rule) and source[len(rule)] in "/@"):
+                return True
+        return False
+
+    def describe(self) -> str:
+        """The rules as a client may see them: schemes verbatim, paths counted."""
+        parts = list(self.uris)
+        if self.paths:
+            n = len(self.paths)
+            parts.append(f"{n} local director{'y' if n == 1 else 'ies'}")
+        return ", ".join(parts) or "none"
+
+    def check(self, source: str) -> None:
+        if not self.allows(source):
+            shown = source if len(source) <= 200 else source[:200] + "..."
+            raise SourceNotAllowed(
+                f"source {shown!r} is not allowed by this server's {self.FLAG} rules "
+                f"(allowed: {self.describe()}); ask the operator to allow it"
             )

@@ -166,3 +166,57 @@ def test_sampling_never_raises_on_overflowed_rows():
     assert 0 <= tokens[1] < 4
     assert tokens[2] == 1
     assert tokens[3] in (0, 1, 2, 3)
+
+
+# -- 3. tokenization ---------------------------------------------------------------------------
+
+
+def test_a_huge_tokenize_is_refused_at_once(stub, expected):
+    """A text no context can hold is refused by length before the tokenizer sees it
+    (it used to stall every stream for seconds on the event loop)."""
+
+    def tokenize(stub):
+        return stub.Tokenize(pb.TokenizeRequest(text="w7 " * 4_000_000), timeout=30)
+
+    outcome = beside_a_greedy_stream(stub, expected, tokenize)
+    assert isinstance(outcome, grpc.RpcError)
+    assert outcome.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "text of 12000000 characters" in outcome.details()
+    ok = stub.Tokenize(pb.TokenizeRequest(text="river stone", return_tokens=True), timeout=10)
+    assert len(ok.token_ids) == len(ok.tokens) > 0
+
+
+async def test_a_checkpoint_without_tokenizer_serves_token_ids(make_engine, tiny_demo, tmp_path):
+    """Token-id requests are served; prompts, stop strings and Tokenize are refused
+    with FAILED_PRECONDITION saying why; --tokenizer names another directory's."""
+    import shutil
+
+    from lorapool.errors import NoTokenizer
+    from lorapool.server.engine.tokenizer import TOKENIZER_FILES, has_tokenizer
+    from lorapool.types import GenerationRequest, SamplingParams
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_demo.model_dir, bare)
+    for path in bare.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            path.unlink()
+    assert not has_tokenizer(bare) and has_tokenizer(tiny_demo.model_dir), TOKENIZER_FILES
+    engine = await make_engine(model_dir=str(bare))
+    assert engine.tokenizer is None
+
+    async def run(stop=(), **fields):
+        params = SamplingParams(max_new_tokens=5, ignore_eos=True, stop=list(stop))
+        request = GenerationRequest(request_id="", params=params, **fields)
+        return [e async for e in engine.generate(request)]
+
+    events = await run(input_ids=[5, 6, 7], adapter_id="adapter-002")
+    assert sum(len(e.token_ids) for e in events) == 5
+    assert all(e.text == "" for e in events)
+    for call in (run(prompt="river stone"), engine.tokenize("river"), run(["x"], input_ids=[5])):
+        with pytest.raises(NoTokenizer) as exc:
+            await call
+        assert exc.value.status == "FAILED_PRECONDITION" and "--tokenizer" in str(exc.value)
+    assert engine.stats().kv_pages == 0
+    named = await make_engine(model_dir=str(bare), tokenizer_dir=str(tiny_demo.model_dir))
+    ids, _ = await named.tokenize("river stone")
+    assert ids

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from lorapool.errors import AdapterNotFound, Draining, InvalidRequest, LoraPoolError, QueueFull
+from lorapool.errors import (
+    AdapterNotFound,
+    Draining,
+    InvalidRequest,
+    LoraPoolError,
+    NoTokenizer,
+    QueueFull,
+)
 from lorapool.memory.adapters import AdapterManager
 from lorapool.memory.block_manager import BlockManager
 from lorapool.memory.pool import PageLayout, PagePool
@@ -28,6 +35,7 @@ from lorapool.server.engine.detok import IncrementalDetokenizer
 from lorapool.server.engine.runner import ModelRunner
 from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from lorapool.server.engine.sequence import Sequence, Status
+from lorapool.server.engine.tokenizer import load_tokenizer
 from lorapool.server.engine.validation import Limits, RequestValidator
 from lorapool.server.model.model import Model
 from lorapool.types import (
@@ -41,6 +49,7 @@ from lorapool.types import (
 
 log = logging.getLogger("lorapool.engine")
 
+_NO_TOKENIZER = "this server runs a checkpoint without a tokenizer (start it with --tokenizer)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,6 +73,7 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     pinned: list[str] = field(default_factory=list)
     max_logprobs: int = 20
+    tokenizer_dir: str | None = None  # default: the checkpoint's own tokenizer, if any
 
 
 class _Request:
@@ -77,15 +87,13 @@ class _Request:
 
 class Engine:
     def __init__(self, config: EngineConfig):
-        from transformers import AutoTokenizer
-
         self.config = config
         dtype = DTYPES.get(config.dtype)
         if dtype is None:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
         self.model = Model.from_pretrained(config.model_dir, dtype=dtype, device=config.device)
         self.spec = self.model.spec
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
+        self.tokenizer = load_tokenizer(config.model_dir, config.tokenizer_dir)
         layout = PageLayout(
             self.spec.num_layers, config.block_size, self.spec.num_kv_heads, self.spec.head_dim
         )
@@ -113,7 +121,7 @@ class Engine:
             Limits.for_model(
                 self.spec.vocab_size,
                 self.max_model_len,
-                self.tokenizer.get_vocab(),
+                self.tokenizer.get_vocab() if self.tokenizer is not None else (),
                 max_new_tokens=config.max_new_tokens_limit,
                 max_logprobs=config.max_logprobs,
                 block_size=config.block_size,
@@ -121,10 +129,12 @@ class Engine:
             )
         )
         self.eos_ids = set(self.spec.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self._requests: dict[str, _Request] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="step")
+        # Tokenizing runs off the event loop, so a long text never stalls the streams.
+        self._tokenize_executor = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._pin_queue: list = []
@@ -158,6 +168,7 @@ class Engine:
         for req in list(self._requests.values()):
             self._finish(req, FinishReason.CANCELLED)
         self._executor.shutdown(wait=True)
+        self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
         self.adapters.shutdown()
 
     async def drain(self, grace_s: float) -> None:
@@ -177,7 +188,7 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        req = self._admit(request)
+        req = await self._admit(request)
         try:
             while True:
                 item = await req.queue.get()
@@ -198,17 +209,15 @@ class Engine:
         self._wake.set()
         return True
 
-    def _admit(self, request: GenerationRequest) -> _Request:
-        if self.draining:
-            raise Draining("the server is draining; retry on another replica")
-        if self._task is None:
-            raise Draining("the engine is not started")
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
-        if request.request_id in self._requests:
-            raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
-        ids = self.validator.prompt_ids(request, self._tokenize_prompt)
+    async def _admit(self, request: GenerationRequest) -> _Request:
+        self._check_admissible(request)
+        ids = self.validator.input_ids(request)
+        if ids is None:
+            ids = await self._tokenize(request.prompt)
+            self._check_admissible(request)  # the server may have changed meanwhile
         self.validator.check(request, ids)
+        if request.params.stop and self.tokenizer is None:
+            raise NoTokenizer(_NO_TOKENIZER + "; stop strings need one (use stop_token_ids)")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
             raise QueueFull(
                 f"admission queue is full ({self.config.max_waiting} waiting); retry with backoff"
@@ -228,6 +237,16 @@ class Engine:
         self.scheduler.add(seq)
         self._wake.set()
         return req
+
+    def _check_admissible(self, request: GenerationRequest) -> None:
+        if self.draining:
+            raise Draining("the server is draining; retry on another replica")
+        if self._task is None:
+            raise Draining("the engine is not started")
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        if request.request_id in self._requests:
+            raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
 
     def _on_loaded(self, entry, fut: asyncio.Future) -> None:
         exc = None if fut.cancelled() else fut.exception()
@@ -454,9 +473,6 @@ class Engine:
                 infos[adapter_id] = AdapterInfo(adapter_id, AdapterState.KNOWN, source=uri)
         return [infos[k] for k in sorted(infos)]
 
-    def _tokenize_prompt(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
-
     def knows_adapter(self, adapter_id: str) -> bool:
         """Whether the id was loaded or a source knows it (without loading it)."""
         return adapter_id in self.adapters.entries or self.registry.uri_for(adapter_id) is not None
@@ -465,9 +481,20 @@ class Engine:
         """callback(seconds) after every completed adapter load (for metrics)."""
         self.adapters.on_load = callback
 
-    def tokenize(self, text: str, return_tokens: bool = False) -> tuple[list[int], list[str]]:
-        ids = self.tokenizer(text)["input_ids"]
+    async def tokenize(
+        self, text: str, return_tokens: bool = False
+    ) -> tuple[list[int], list[str]]:
+        """Token ids (and token strings) of text, bounded like a prompt."""
+        self.validator.check_text(text, "text")
+        ids = await self._tokenize(text)
         return ids, (self.tokenizer.convert_ids_to_tokens(ids) if return_tokens else [])
+
+    async def _tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise NoTokenizer(_NO_TOKENIZER + "; send input_ids instead of text")
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(self._tokenize_executor, self.tokenizer, text)
+        return encoded["input_ids"]
 
     def clear_prefix_cache(self) -> int:
         return self.blocks.clear_cache()

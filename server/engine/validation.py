@@ -5,7 +5,7 @@ and a message says what to fix (InvalidRequest -> INVALID_ARGUMENT)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lorapool.errors import InvalidRequest
@@ -42,11 +42,10 @@ class RequestValidator:
     def __init__(self, limits: Limits):
         self.limits = limits
 
-    def prompt_ids(
-        self, request: GenerationRequest, tokenize: Callable[[str], list[int]]
-    ) -> list[int]:
-        """The prompt's token ids. Length bounds come first (the full context check
-        is `check`'s): a huge prompt is refused before a per-token scan or tokenizing."""
+    def input_ids(self, request: GenerationRequest) -> list[int] | None:
+        """The request's validated input_ids, or None when its prompt (checked for
+        length: a huge prompt is refused before it is tokenized) must be tokenized.
+        Length bounds come first, so nothing scans or tokenizes a hostile size."""
         lim = self.limits
         if len(request.input_ids or ()) > lim.max_model_len:
             raise InvalidRequest(
@@ -61,14 +60,18 @@ class RequestValidator:
                     f"input_ids {bad[:4]} are outside the vocabulary [0, {lim.vocab_size})"
                 )
             return ids
-        if len(request.prompt or "") > lim.max_prompt_chars:
+        if not request.prompt:
+            raise InvalidRequest("empty prompt: set a non-empty prompt or input_ids")
+        self.check_text(request.prompt, "prompt")
+        return None
+
+    def check_text(self, text: str, what: str) -> None:
+        """Text longer than max_prompt_chars can never fit the context."""
+        if len(text) > self.limits.max_prompt_chars:
             raise InvalidRequest(
-                f"prompt of {len(request.prompt)} characters is longer than the context of "
-                f"{lim.max_model_len} tokens can hold; shorten it"
+                f"{what} of {len(text)} characters is longer than the context of "
+                f"{self.limits.max_model_len} tokens can hold; shorten it"
             )
-        if request.prompt:
-            return tokenize(request.prompt)
-        raise InvalidRequest("empty prompt: set a non-empty prompt or input_ids")
 
     def check(self, request: GenerationRequest, ids: list[int]) -> None:
         """Sampling values and the request's size against the context and the pool."""
@@ -101,8 +104,6 @@ class RequestValidator:
                 f"stop accepts at most {MAX_STOP_STRINGS} strings of at most "
                 f"{MAX_STOP_CHARS} characters each"
             )
-        if any(not s for s in p.stop):
-            raise InvalidRequest("stop strings must not be empty")
         total = len(ids) + p.max_new_tokens
         if total > lim.max_model_len:
             raise InvalidRequest(
