@@ -554,7 +554,9 @@ async def test_internal_failure_fails_requests_in_flight_and_returns_every_page(
         nonlocal calls
         calls += 1
         result = real(*args) if after else None  # state changed, then it breaks
-        if calls == 3:
+        # A failing step fails its own batch: break the first step that holds all
+        # three requests (they may join over several steps as their adapters load).
+        if calls == 3 if after else len(args[0]) == 3:
             raise RuntimeError("injected failure")
         return result if after else real(*args)
 
