@@ -2,7 +2,7 @@
 # virtual environment in .venv/ on first use.
 PY      := .venv/bin/python
 VENV    := .venv/.installed
-DEMO    ?= demo
+DEMO    ?= .cache/demo
 PROTO   := protos/lorapool/v1/lorapool.proto
 
 .PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc clean
@@ -39,7 +39,7 @@ proto-check: $(VENV)
 		{ echo "stale gRPC stub $$f: run 'make proto'"; exit 1; }; done
 
 demo: $(VENV)
-	.venv/bin/lorapool make-demo $(DEMO)/tiny --preset tiny --adapters 8
+	.venv/bin/lorapool make-demo $(DEMO) --preset tiny --adapters 8
 
 bench-engine: $(VENV)
 	$(PY) benchmarks/bench_engine.py

@@ -41,7 +41,7 @@ def default_demo_dir() -> Path:
     if env:
         return Path(env).expanduser()
     repo = Path(__file__).resolve().parent.parent
-    if (repo / "pyproject.toml").is_file() and (repo / "demo_maker" / "maker.py").is_file():
+    if (repo / "pyproject.toml").is_file() and (repo / "demo" / "maker.py").is_file():
         return repo / ".cache" / "demo"
     return Path.home() / ".cache" / "lorapool" / "demo"
 
