@@ -52,6 +52,10 @@ def read_adapter(path: str | Path, spec: ModelSpec) -> AdapterWeights:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterIncompatible(f"{path}/adapter_config.json is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterIncompatible(
+            f"{path}/adapter_config.json must hold a JSON object, not {type(config).__name__}"
+        )
     _check_config(path, config)
     weights_file = path / "adapter_model.safetensors"
     if not weights_file.is_file():
@@ -108,6 +112,29 @@ def _check_config(path: Path, config: dict) -> None:
         refuse(f"init_lora_weights={init}", "it modifies the base weights")
 
 
+def _scaling(path: Path, config: dict) -> tuple[int, float, bool]:
+    """(r, lora_alpha, use_rslora), each checked for type and range: a string, a
+    null, NaN or Infinity (which JSON parsers accept) is refused by name."""
+    rank = config.get("r")
+    if isinstance(rank, float) and rank.is_integer():
+        rank = int(rank)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise AdapterIncompatible(
+            f"{path}: adapter_config.json needs a positive integer rank r, got {rank!r}"
+        )
+    alpha = config.get("lora_alpha", 8)  # PEFT's LoraConfig default
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise AdapterIncompatible(
+            f"{path}: adapter_config.json needs a finite number lora_alpha, got {alpha!r}"
+        )
+    use_rslora = config.get("use_rslora") or False
+    if not isinstance(use_rslora, bool):
+        raise AdapterIncompatible(
+            f"{path}: adapter_config.json needs use_rslora true or false, got {use_rslora!r}"
+        )
+    return rank, float(alpha), use_rslora
+
+
 def _build(path: Path, config: dict, tensors: dict, spec: ModelSpec) -> AdapterWeights:
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -125,9 +152,8 @@ def _build(path: Path, config: dict, tensors: dict, spec: ModelSpec) -> AdapterW
         pairs.setdefault((layer, module), {})[which] = tensor
     if not pairs:
         raise AdapterIncompatible(f"{path}: adapter_model.safetensors holds no LoRA weights")
-    rank = int(config.get("r", 0))
-    if rank <= 0:
-        raise AdapterIncompatible(f"{path}: adapter_config.json has no positive rank r")
+    rank, alpha, use_rslora = _scaling(path, config)
+    scale = alpha / (math.sqrt(rank) if use_rslora else rank)
     weights = {}
     modules = sorted({mod for _, mod in pairs})
     for (layer, module), ab in sorted(pairs.items()):
@@ -143,6 +169,10 @@ def _build(path: Path, config: dict, tensors: dict, spec: ModelSpec) -> AdapterW
             )
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise AdapterIncompatible(f"{path}: layer {layer} {module} holds NaN or inf")
+        if not torch.isfinite(b.float() * scale).all():
+            raise AdapterIncompatible(
+                f"{path}: layer {layer} {module}: lora_B times the scale {scale:g} overflows"
+            )
         weights[(layer, module)] = (a, b)
     for module in modules:
         missing = [i for i in range(spec.num_layers) if (i, module) not in weights]
@@ -151,8 +181,6 @@ def _build(path: Path, config: dict, tensors: dict, spec: ModelSpec) -> AdapterW
                 f"{path}: {module} is adapted in some layers but not in {missing[:4]}; "
                 "adapters must cover every layer of a module they target"
             )
-    alpha = float(config.get("lora_alpha", 8))  # PEFT's LoraConfig default
-    use_rslora = bool(config.get("use_rslora", False))
     h = xxhash.xxh3_128()
     h.update(json.dumps([rank, alpha, use_rslora]).encode())
     nbytes = 0

@@ -83,6 +83,10 @@ def bad_json(d: Path, ctx):
     (d / "adapter_config.json").write_text('{"r": 16, "lora_alpha": ')
 
 
+def config_is_a_list(d: Path, ctx):
+    (d / "adapter_config.json").write_text('[{"r": 16}]')
+
+
 def first_key(tensors, part):
     return next(k for k in sorted(tensors) if part in k)
 
@@ -211,6 +215,15 @@ CASES = {
         AdapterIncompatible,
         ["alora_invocation_tokens"],
     ),
+    "config is a list": (config_is_a_list, AdapterIncompatible, ["JSON object", "list"]),
+    "rank a string": (set_config(r="four"), AdapterIncompatible, ["positive integer rank", "four"]),
+    "rank null": (set_config(r=None), AdapterIncompatible, ["positive integer rank", "None"]),
+    "rank fractional": (set_config(r=15.5), AdapterIncompatible, ["positive integer rank"]),
+    "alpha a string": (set_config(lora_alpha="eight"), AdapterIncompatible, ["lora_alpha"]),
+    "alpha nan": (set_config(lora_alpha=float("nan")), AdapterIncompatible, ["lora_alpha", "nan"]),
+    "alpha infinite": (set_config(lora_alpha=float("inf")), AdapterIncompatible, ["lora_alpha"]),
+    "alpha overflows B": (set_config(lora_alpha=1e308), AdapterIncompatible, ["overflows"]),
+    "rslora a string": (set_config(use_rslora="yes"), AdapterIncompatible, ["use_rslora"]),
     "rank differs from config": (
         rank_mismatch,
         AdapterIncompatible,
