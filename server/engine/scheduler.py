@@ -30,7 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
-from lorapool.memory.adapters import AdapterEntry, AdapterManager
+from lorapool.memory.adapter_cache import AdapterEntry
+from lorapool.memory.adapters import AdapterManager
 from lorapool.memory.block_manager import BlockManager
 from lorapool.server.engine.sequence import ScheduledSeq, Sequence, Status
 from lorapool.types import AdapterState, TokenLogprob

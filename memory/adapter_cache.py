@@ -1,0 +1,173 @@
+"""Adapter entries and the host tier: source -> host memory.
+
+- Entries: one per adapter name, created when a source knows the name; a load
+  fills in the content identity (hash of the weights), rank and modules.
+- Host tier: packed adapters (ready to copy into pages), LRU, bounded in bytes.
+
+Loads (fetch, parse, validate, pack) run in a thread pool; concurrent requests
+for one adapter share one load. Which adapters sit in pool pages is
+memory/residency.py's business; memory/adapters.py joins the two tiers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from lorapool.errors import AdapterNotFound, AdapterTooLarge, LoraPoolError
+from lorapool.memory.adapter_layout import PackedAdapter
+from lorapool.memory.pool import PagePool
+from lorapool.memory.sources import SourceRegistry
+
+
+@dataclass
+class HostCopy:
+    packed: PackedAdapter
+    nbytes: int
+
+
+@dataclass
+class AdapterEntry:
+    adapter_id: str
+    uri: str
+    content_hash: str = ""
+    rank: int = 0
+    alpha: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    nbytes: int = 0
+    pinned: bool = False
+    requests_served: int = 0
+    last_used: float = 0.0  # unix time
+    load_ms: float = 0.0
+    loading: asyncio.Future | None = None
+
+
+class AdapterCache:
+    """Entries by name and packed copies by content hash (LRU, at most
+    host_cache_bytes). `read(uri)` fetches, parses, validates and packs one
+    adapter, returning (AdapterWeights, PackedAdapter); it runs on a load thread."""
+
+    def __init__(
+        self,
+        registry: SourceRegistry,
+        pool: PagePool,
+        host_cache_bytes: int,
+        read: Callable[[str], tuple],
+        load_threads: int = 2,
+    ):
+        self.registry = registry
+        self.pool = pool
+        self.host_cache_bytes = host_cache_bytes
+        self.read = read
+        self.entries: dict[str, AdapterEntry] = {}
+        self.host: OrderedDict[str, HostCopy] = OrderedDict()  # content hash -> copy, LRU first
+        self.loads = 0
+        self.on_load = None  # optional callback(seconds) per completed load, for metrics
+        self._executor = ThreadPoolExecutor(load_threads, thread_name_prefix="adapter-load")
+
+    # -- entries ----------------------------------------------------------------------
+    def entry(self, adapter_id: str, uri: str | None = None) -> AdapterEntry:
+        """The entry for an id, creating it when a source knows the id."""
+        e = self.entries.get(adapter_id)
+        if e is not None and (uri is None or uri == e.uri):
+            return e
+        uri = uri or self.registry.uri_for(adapter_id)
+        if uri is None:
+            raise AdapterNotFound(
+                f"adapter {adapter_id!r} is unknown: no adapter directory holds it and it "
+                "was never loaded; call LoadAdapter with a source"
+            )
+        e = self.entries[adapter_id] = AdapterEntry(adapter_id, uri)
+        return e
+
+    def forget(self, adapter_id: str) -> AdapterEntry:
+        """Drop the name (and what the registry remembers of it); returns its entry."""
+        e = self.entries.pop(adapter_id, None)
+        if e is None:
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not loaded")
+        self.registry.known.pop(adapter_id, None)
+        return e
+
+    def shared(self, key: str) -> bool:
+        """Whether some entry still has content `key`."""
+        return any(o.content_hash == key for o in self.entries.values())
+
+    # -- host tier --------------------------------------------------------------------
+    def in_host(self, e: AdapterEntry) -> bool:
+        return bool(e.content_hash) and e.content_hash in self.host
+
+    def is_loading(self, e: AdapterEntry) -> bool:
+        return e.loading is not None and not e.loading.done()
+
+    def ensure_host(self, e: AdapterEntry) -> asyncio.Future:
+        """Start (or join) the load of e into host memory; the future resolves to e
+        or raises the load's LoraPoolError."""
+        if self.in_host(e):
+            return done(e)
+        if e.loading is None or e.loading.done():
+            e.loading = asyncio.ensure_future(self._load(e))
+        return e.loading
+
+    async def _load(self, e: AdapterEntry) -> AdapterEntry:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            weights, packed = await loop.run_in_executor(self._executor, self.read, e.uri)
+        except LoraPoolError:
+            raise
+        except Exception as exc:  # a source plug-in failed in an unexpected way
+            raise AdapterNotFound(f"adapter {e.adapter_id!r}: {exc}") from exc
+        need = packed.num_pages(self.pool.page_elems)
+        if need > self.pool.num_pages:
+            raise AdapterTooLarge(
+                f"adapter {e.adapter_id!r} (rank {weights.rank}) needs {need} pages but the pool "
+                f"holds {self.pool.num_pages}; start the server with a larger --pool-mib"
+            )
+        if self.entries.get(e.adapter_id) is not e:  # unloaded while loading
+            raise AdapterNotFound(f"adapter {e.adapter_id!r} was unloaded while loading")
+        e.content_hash = weights.content_hash
+        e.rank, e.alpha, e.nbytes = weights.rank, weights.alpha, weights.nbytes
+        e.target_modules = weights.target_modules
+        e.load_ms = (time.perf_counter() - t0) * 1000
+        self.loads += 1
+        if self.on_load is not None:
+            self.on_load(e.load_ms / 1000)
+        if e.content_hash not in self.host:
+            self.host[e.content_hash] = HostCopy(
+                packed, packed.flat.numel() * packed.flat.element_size()
+            )
+        self._touch_host(e.content_hash)
+        return e
+
+    def _touch_host(self, key: str) -> None:
+        self.host.move_to_end(key)
+        total = sum(c.nbytes for c in self.host.values())
+        for old in list(self.host):
+            if total <= self.host_cache_bytes or old == key:
+                break
+            total -= self.host.pop(old).nbytes
+
+    def drop_host(self, key: str) -> None:
+        self.host.pop(key, None)
+
+    def pages_needed(self, e: AdapterEntry) -> int:
+        """Pool pages of e's packed copy (which must be in host memory)."""
+        copy = self.host[e.content_hash]
+        return copy.packed.num_pages(self.pool.page_elems)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(c.nbytes for c in self.host.values())
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def done(value) -> asyncio.Future:
+    """A future of the running loop that already holds value."""
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(value)
+    return fut
