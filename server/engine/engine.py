@@ -481,9 +481,7 @@ class Engine:
         """callback(seconds) after every completed adapter load (for metrics)."""
         self.adapters.on_load = callback
 
-    async def tokenize(
-        self, text: str, return_tokens: bool = False
-    ) -> tuple[list[int], list[str]]:
+    async def tokenize(self, text: str, return_tokens: bool = False) -> tuple[list[int], list[str]]:
         """Token ids (and token strings) of text, bounded like a prompt."""
         self.validator.check_text(text, "text")
         ids = await self._tokenize(text)
