@@ -58,3 +58,10 @@ class NoTokenizer(LoraPoolError):
 
     status = "FAILED_PRECONDITION"
     reason = "NO_TOKENIZER"
+
+
+class SourceNotAllowed(LoraPoolError):
+    """A LoadAdapter source outside the server's allow-list."""
+
+    status = "PERMISSION_DENIED"
+    reason = "SOURCE_NOT_ALLOWED"

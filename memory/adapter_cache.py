@@ -43,6 +43,7 @@ class AdapterEntry:
     last_used: float = 0.0  # unix time
     load_ms: float = 0.0
     loading: asyncio.Future | None = None
+    staged: bool = False  # loading under its name without being visible (see stage)
 
 
 class AdapterCache:
@@ -82,6 +83,16 @@ class AdapterCache:
             )
         e = self.entries[adapter_id] = AdapterEntry(adapter_id, uri)
         return e
+
+    def stage(self, adapter_id: str, uri: str) -> AdapterEntry:
+        """An entry for a new source of a name, invisible until `adopt`: a load that
+        fails leaves the name (and whatever it served) as it was."""
+        return AdapterEntry(adapter_id, uri, staged=True)
+
+    def adopt(self, e: AdapterEntry) -> None:
+        """Make a staged entry the name's entry."""
+        e.staged = False
+        self.entries[e.adapter_id] = e
 
     def forget(self, adapter_id: str) -> AdapterEntry:
         """Drop the name (and what the registry remembers of it); returns its entry."""
@@ -126,7 +137,7 @@ class AdapterCache:
                 f"adapter {e.adapter_id!r} (rank {weights.rank}) needs {need} pages but the pool "
                 f"holds {self.pool.num_pages}; start the server with a larger --pool-mib"
             )
-        if self.entries.get(e.adapter_id) is not e:  # unloaded while loading
+        if not e.staged and self.entries.get(e.adapter_id) is not e:  # unloaded meanwhile
             raise AdapterNotFound(f"adapter {e.adapter_id!r} was unloaded while loading")
         e.content_hash = weights.content_hash
         e.rank, e.alpha, e.nbytes = weights.rank, weights.alpha, weights.nbytes

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Set
+from pathlib import Path
 
 from lorapool.memory.adapter_cache import AdapterCache, AdapterEntry, HostCopy, done
 from lorapool.memory.adapter_layout import (
@@ -98,6 +99,16 @@ class AdapterManager:
         """The entry for an id, creating it when a source knows the id."""
         return self.cache.entry(adapter_id, uri)
 
+    def stage(self, adapter_id: str, uri: str) -> AdapterEntry:
+        """A new source for a name, invisible until adopt (see AdapterCache.stage)."""
+        return self.cache.stage(adapter_id, uri)
+
+    def adopt(self, e: AdapterEntry) -> None:
+        """A staged entry that loaded replaces the name's entry, if any."""
+        if e.adapter_id in self.entries:
+            self.unload(e.adapter_id)
+        self.cache.adopt(e)
+
     def state(self, e: AdapterEntry) -> AdapterState:
         if e.content_hash and e.content_hash in self.residency.device:
             return AdapterState.DEVICE
@@ -126,7 +137,9 @@ class AdapterManager:
     def _read(self, uri: str):
         """Fetch, parse, validate and pack one adapter (on a load thread)."""
         path = self.registry.fetch(uri)
-        weights = read_adapter(path, self.spec)
+        # Messages name the adapter by its folder or URI, never a server path.
+        label = uri if "://" in uri else Path(path).name
+        weights = read_adapter(path, self.spec, label=label)
         packed = pack_adapter(
             self.spec,
             weights.rank,

@@ -41,39 +41,43 @@ class AdapterWeights:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-def read_adapter(path: str | Path, spec: ModelSpec) -> AdapterWeights:
+def read_adapter(path: str | Path, spec: ModelSpec, label: str | None = None) -> AdapterWeights:
     """Raise AdapterNotFound for a missing directory and AdapterIncompatible for
-    anything that cannot be served exactly on `spec`."""
+    anything that cannot be served exactly on `spec`. Messages name the adapter
+    by `label` (default: its path)."""
     path = Path(path)
+    name = label or str(path)
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
-        raise AdapterNotFound(f"{path}: no adapter_config.json")
+        raise AdapterNotFound(f"{name}: no adapter_config.json")
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterIncompatible(f"{path}/adapter_config.json is not valid JSON: {exc}") from exc
+        raise AdapterIncompatible(f"{name}/adapter_config.json is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise AdapterIncompatible(
-            f"{path}/adapter_config.json must hold a JSON object, not {type(config).__name__}"
+            f"{name}/adapter_config.json must hold a JSON object, not {type(config).__name__}"
         )
-    _check_config(path, config)
+    _check_config(name, config)
     weights_file = path / "adapter_model.safetensors"
     if not weights_file.is_file():
         if (path / "adapter_model.bin").exists():
             raise AdapterIncompatible(
-                f"{path}: adapter_model.bin is a pickle file, which is never loaded; "
+                f"{name}: adapter_model.bin is a pickle file, which is never loaded; "
                 "convert it to adapter_model.safetensors"
             )
-        raise AdapterIncompatible(f"{path}: no adapter_model.safetensors")
+        raise AdapterIncompatible(f"{name}: no adapter_model.safetensors")
     data = weights_file.read_bytes()
     try:
         tensors = load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise AdapterIncompatible(f"{weights_file}: corrupt safetensors file ({exc})") from exc
-    return _build(path, config, tensors, spec)
+        raise AdapterIncompatible(
+            f"{name}/adapter_model.safetensors: corrupt safetensors file ({exc})"
+        ) from exc
+    return _build(name, config, tensors, spec)
 
 
-def _check_config(path: Path, config: dict) -> None:
+def _check_config(path: str, config: dict) -> None:
     def refuse(feature: str, why: str) -> None:
         raise AdapterIncompatible(f"{path}: unsupported PEFT feature {feature}: {why}")
 
@@ -112,7 +116,7 @@ def _check_config(path: Path, config: dict) -> None:
         refuse(f"init_lora_weights={init}", "it modifies the base weights")
 
 
-def _scaling(path: Path, config: dict) -> tuple[int, float, bool]:
+def _scaling(path: str, config: dict) -> tuple[int, float, bool]:
     """(r, lora_alpha, use_rslora), each checked for type and range: a string, a
     null, NaN or Infinity (which JSON parsers accept) is refused by name."""
     rank = config.get("r")
@@ -135,7 +139,7 @@ def _scaling(path: Path, config: dict) -> tuple[int, float, bool]:
     return rank, float(alpha), use_rslora
 
 
-def _build(path: Path, config: dict, tensors: dict, spec: ModelSpec) -> AdapterWeights:
+def _build(path: str, config: dict, tensors: dict, spec: ModelSpec) -> AdapterWeights:
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)

@@ -91,8 +91,11 @@ class SourceRegistry:
         if Path(adapter_id).name != adapter_id or adapter_id.startswith("."):
             return None  # a root holds plain folder names; never walk out of it
         for root in self.roots:
-            if (root / adapter_id / "adapter_config.json").is_file():
-                return str(root / adapter_id)
+            try:
+                if (root / adapter_id / "adapter_config.json").is_file():
+                    return str(root / adapter_id)
+            except OSError:  # a name the file system cannot hold (too long, bad bytes)
+                return None
         return None
 
     def listable(self) -> dict[str, str]:

@@ -20,13 +20,20 @@ import time
 from collections.abc import AsyncIterator
 
 from lorapool import convert
-from lorapool.errors import Draining, LoraPoolError
+from lorapool.errors import Draining, LoraPoolError, SourceNotAllowed
 from lorapool.types import GenerationRequest, TokenEvent
 from lorapool.v1 import lorapool_pb2 as pb
 
 from .metrics import Metrics
 
 log = logging.getLogger("lorapool.service")
+
+
+def printable(value: str, limit: int = 80) -> str:
+    """A client-supplied value as one safe log token: control characters escaped
+    (no forged log lines), long values cut."""
+    text = value[:limit].encode("unicode_escape").decode("ascii")
+    return text + ("..." if len(value) > limit else "")
 
 
 class LoraPoolService:
@@ -71,7 +78,7 @@ class LoraPoolService:
             )
         log.info(
             "adapter_loaded adapter=%s state=%s load_ms=%.1f",
-            info.adapter_id,
+            printable(info.adapter_id),
             info.state.name,
             info.load_ms,
         )
@@ -81,7 +88,7 @@ class LoraPoolService:
         engine = self._ready("UnloadAdapter")
         with self._rejections("UnloadAdapter", request.adapter_id):
             await engine.unload_adapter(request.adapter_id)
-        log.info("adapter_unloaded adapter=%s", request.adapter_id)
+        log.info("adapter_unloaded adapter=%s", printable(request.adapter_id))
         return pb.UnloadAdapterResponse()
 
     async def list_adapters(self, request: pb.ListAdaptersRequest) -> pb.ListAdaptersResponse:
@@ -135,12 +142,12 @@ class LoraPoolService:
             self.metrics.requests.labels(self._label(adapter_id), method, exc.status).inc()
         log.info(
             "rejected request_id=%s method=%s adapter=%s status=%s reason=%s msg=%s",
-            request_id,
+            printable(request_id),
             method,
-            adapter_id,
+            printable(adapter_id),
             exc.status,
             exc.reason,
-            exc,
+            printable(str(exc), 300),
         )
 
     async def _events(self, req: GenerationRequest, method: str) -> AsyncIterator[TokenEvent]:
@@ -174,7 +181,7 @@ class LoraPoolService:
             log.info(
                 "request request_id=%s method=%s adapter=%s status=%s tokens=%d ttft_ms=%.1f "
                 "total_ms=%.1f",
-                req.request_id,
+                printable(req.request_id),
                 method,
                 adapter,
                 status,
@@ -185,13 +192,6 @@ class LoraPoolService:
 
 
 # -- LoadAdapter sources -----------------------------------------------------------------------
-
-
-class SourceNotAllowed(LoraPoolError):
-    """A LoadAdapter source outside the server's allow-list."""
-
-    status = "PERMISSION_DENIED"
-    reason = "SOURCE_NOT_ALLOWED"
 
 
 def _scheme(uri: str) -> str:

@@ -522,7 +522,9 @@ async def test_corrupt_adapter_is_incompatible_and_costs_no_pages(make_engine, t
         await engine.load_adapter("bad", source=str(bad))
     assert exc.value.status == "FAILED_PRECONDITION"
     assert "safetensors" in str(exc.value)
-    with pytest.raises(AdapterIncompatible):
+    # The failed load left no trace: the name is unknown, not remembered as broken.
+    assert "bad" not in {a.adapter_id for a in engine.list_adapters()}
+    with pytest.raises(AdapterNotFound):
         await collect(engine, make_request("b", prompt(1, 8), "bad"))
     ok = await collect(engine, make_request("ok", prompt(1, 8), ADAPTER(1), max_new_tokens=5))
     assert ok.finish == FinishReason.LENGTH

@@ -20,8 +20,25 @@ GREEDY_IDS = [11, 12, 13, 14, 15]
 
 
 @pytest.fixture(scope="module")
-def server(start_server):
-    return start_server(engine={"pool_mib": 8, "max_new_tokens_limit": 256})
+def bad_sources(tmp_path_factory, tiny_demo):
+    """A directory LoadAdapter may read (it is on the allow-list) holding a corrupt
+    copy of a demo adapter; other names under it do not exist."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("bad-sources")
+    corrupt = root / "corrupt"
+    shutil.copytree(tiny_demo.adapter_dirs[2], corrupt)
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(start_server, tiny_demo, bad_sources):
+    return start_server(
+        engine={"pool_mib": 8, "max_new_tokens_limit": 256},
+        adapter_source_allow=[str(tiny_demo.adapters_dir), str(bad_sources)],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +237,73 @@ async def test_a_checkpoint_without_tokenizer_serves_token_ids(make_engine, tiny
     named = await make_engine(model_dir=str(bare), tokenizer_dir=str(tiny_demo.model_dir))
     ids, _ = await named.tokenize("river stone")
     assert ids
+
+
+# -- 4, 7. adapter loads and ids ---------------------------------------------------------------
+
+
+def load(stub, adapter_id: str, source: str = ""):
+    return stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id=adapter_id, source=source), timeout=30)
+
+
+def listed(stub) -> dict[str, pb.AdapterInfo]:
+    return {a.adapter_id: a for a in stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
+
+
+def test_a_failed_reload_keeps_the_old_adapter_serving(stub, expected, bad_sources):
+    """LoadAdapter of a served name from a broken source fails, and the name keeps
+    serving its old weights for every caller (it failed them all before)."""
+    before = listed(stub)["adapter-001"]
+    with pytest.raises(grpc.RpcError) as exc:
+        load(stub, "adapter-001", str(bad_sources / "corrupt"))
+    assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert str(bad_sources) not in exc.value.details(), "no server path in client messages"
+    assert "corrupt" in exc.value.details()
+    with pytest.raises(grpc.RpcError) as exc:
+        load(stub, "adapter-001", str(bad_sources / "nonexistent"))
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    assert stream_tokens(stub, greedy_request()) == expected
+    after = listed(stub)["adapter-001"]
+    assert (after.source, after.content_hash) == (before.source, before.content_hash)
+    assert_idle(stub)
+
+
+def test_failed_loads_of_new_names_leave_no_entry_and_no_label(server, stub, bad_sources):
+    for i in range(5):
+        with pytest.raises(grpc.RpcError):
+            load(stub, f"ghost-{i}", str(bad_sources / f"missing-{i}"))
+        with pytest.raises(grpc.RpcError) as exc:
+            load(stub, f"broken-{i}", str(bad_sources / "corrupt"))
+        assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    names = set(listed(stub))
+    assert not any(n.startswith(("ghost-", "broken-")) for n in names), names
+    labels = {
+        sample.labels.get("adapter")
+        for metric in server.server.metrics.registry.collect()
+        for sample in metric.samples
+    }
+    assert not any(str(n).startswith(("ghost-", "broken-")) for n in labels), labels
+    with pytest.raises(grpc.RpcError) as exc:
+        stream_tokens(stub, greedy_request(adapter="broken-0"))
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    assert_idle(stub)
+
+
+@pytest.mark.parametrize(
+    "adapter_id",
+    ["a" * 300, "x\nINFO forged line", "../adapters", "has space", "-dash-first", "é"],
+    ids=["too-long", "newline", "dot-dot", "space", "dash-first", "non-ascii"],
+)
+def test_malformed_adapter_ids_are_invalid_argument(stub, caplog, tiny_demo, adapter_id):
+    for call in (
+        lambda: stream_tokens(stub, greedy_request(adapter=adapter_id)),
+        lambda: load(stub, adapter_id, ""),
+        lambda: stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter_id), timeout=10),
+    ):
+        with pytest.raises(grpc.RpcError) as exc:
+            call()
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+        assert "adapter_id" in exc.value.details()
+        assert str(tiny_demo.adapters_dir) not in exc.value.details()
+    assert not any("\nINFO forged" in r.getMessage() for r in caplog.records)
+    assert_idle(stub)

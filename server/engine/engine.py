@@ -36,7 +36,12 @@ from lorapool.server.engine.runner import ModelRunner
 from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from lorapool.server.engine.sequence import Sequence, Status
 from lorapool.server.engine.tokenizer import load_tokenizer
-from lorapool.server.engine.validation import Limits, RequestValidator
+from lorapool.server.engine.validation import (
+    ADAPTER_ID,
+    Limits,
+    RequestValidator,
+    check_adapter_id,
+)
 from lorapool.server.model.model import Model
 from lorapool.types import (
     AdapterInfo,
@@ -211,6 +216,7 @@ class Engine:
 
     async def _admit(self, request: GenerationRequest) -> _Request:
         self._check_admissible(request)
+        check_adapter_id(request.adapter_id)
         ids = self.validator.input_ids(request)
         if ids is None:
             ids = await self._tokenize(request.prompt)
@@ -436,24 +442,42 @@ class Engine:
     async def load_adapter(
         self, adapter_id: str, source: str | None = None, pin: bool = False
     ) -> AdapterInfo:
-        if not adapter_id:
-            raise InvalidRequest("adapter_id must not be empty")
-        if source:
-            old = self.adapters.entries.get(adapter_id)
-            if old is not None and old.uri != source:
-                self.adapters.unload(adapter_id)
+        """Load (or reload from a new source) and optionally pin an adapter. A load
+        that fails leaves no trace: the name keeps serving what it served before,
+        and a new name gets no entry."""
+        check_adapter_id(adapter_id, required=True)
+        old = self.adapters.entries.get(adapter_id)
+        if source and old is not None and old.uri != source:
+            # A new source for a served name loads beside it and replaces it on success.
+            staged = self.adapters.stage(adapter_id, source)
+            await self.adapters.ensure_host(staged)
+            self.adapters.adopt(staged)
             self.registry.remember(adapter_id, source)
         entry = self.adapters.entry(adapter_id, source or None)
-        await self.adapters.ensure_host(entry)
-        entry.pinned = entry.pinned or pin
-        if pin:
+        try:
+            await self.adapters.ensure_host(entry)
+        except BaseException:
+            # A new name's entry is visible while it loads (requests for it join the
+            # load); a failed load removes it again.
+            if old is None and self.adapters.entries.get(adapter_id) is entry:
+                self.adapters.unload(adapter_id)
+            raise
+        if source:
+            self.registry.remember(adapter_id, source)
+        if pin and not entry.pinned:
+            entry.pinned = True
             fut = asyncio.get_running_loop().create_future()
             self._pin_queue.append((entry, fut))
             self._wake.set()
-            await fut
+            try:
+                await fut
+            except BaseException:
+                entry.pinned = False
+                raise
         return self.adapters.info(entry)
 
     async def unload_adapter(self, adapter_id: str) -> None:
+        check_adapter_id(adapter_id, required=True)
         waiting = [
             r
             for r in self._requests.values()
@@ -475,7 +499,11 @@ class Engine:
 
     def knows_adapter(self, adapter_id: str) -> bool:
         """Whether the id was loaded or a source knows it (without loading it)."""
-        return adapter_id in self.adapters.entries or self.registry.uri_for(adapter_id) is not None
+        if adapter_id in self.adapters.entries:
+            return True
+        return ADAPTER_ID.fullmatch(adapter_id) is not None and bool(
+            self.registry.uri_for(adapter_id)
+        )
 
     def on_adapter_load(self, callback) -> None:
         """callback(seconds) after every completed adapter load (for metrics)."""

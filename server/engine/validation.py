@@ -5,6 +5,7 @@ and a message says what to fix (InvalidRequest -> INVALID_ARGUMENT)."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -36,6 +37,24 @@ class Limits:
         tokenizing it (which would stall every stream for a huge prompt)."""
         longest = max((len(t) for t in vocab), default=1)
         return cls(vocab_size, max_model_len, 2 * longest * max_model_len, **limits)
+
+
+# Adapter ids: 1 to 256 characters from a charset that is safe in paths, URLs,
+# metric labels and log lines (Hugging Face style "org/name" included).
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/-]{0,255}")
+
+
+def check_adapter_id(adapter_id: str, required: bool = False) -> None:
+    """ "" is the base model where an adapter is optional."""
+    if not adapter_id and not required:
+        return
+    if not ADAPTER_ID.fullmatch(adapter_id):
+        shown = adapter_id[:40].encode("unicode_escape").decode()
+        raise InvalidRequest(
+            f"adapter_id {shown!r}{'...' if len(adapter_id) > 40 else ''} is not valid: use 1 "
+            "to 256 characters, letters, digits and . _ : @ + / -, starting with a letter "
+            "or digit"
+        )
 
 
 class RequestValidator:
