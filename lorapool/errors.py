@@ -65,3 +65,10 @@ class SourceNotAllowed(LoraPoolError):
 
     status = "PERMISSION_DENIED"
     reason = "SOURCE_NOT_ALLOWED"
+
+
+class PoolTooSmall(LoraPoolError):
+    """The request fits the pool, but not the part pinned adapters leave free."""
+
+    status = "RESOURCE_EXHAUSTED"
+    reason = "POOL_PINNED"

@@ -183,6 +183,15 @@ class AdapterManager:
     def pinned_keys(self) -> set[str]:
         return {e.content_hash for e in self.entries.values() if e.pinned and e.content_hash}
 
+    def pinned_pages(self, exclude: str = "") -> int:
+        """Pool pages held by pinned resident adapters other than `exclude`: pages
+        no request for another adapter can ever have."""
+        return sum(
+            r.placed.pages.numel()
+            for key, r in list(self.device.items())
+            if key != exclude and key in self.pinned_keys()
+        )
+
     def evict_idle(self, num_pages: int, keep: Set[str] = frozenset()) -> int:
         """Free idle adapters (no running sequence, not pinned, not in keep), least
         recently used first, until num_pages pages were freed."""

@@ -307,3 +307,77 @@ def test_malformed_adapter_ids_are_invalid_argument(stub, caplog, tiny_demo, ada
         assert str(tiny_demo.adapters_dir) not in exc.value.details()
     assert not any("\nINFO forged" in r.getMessage() for r in caplog.records)
     assert_idle(stub)
+
+
+# -- 5. pinned adapters, 12. queue time --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pinned_server(start_server, tiny_demo):
+    """A pool only 12 pages larger than its pinned adapter (adapter-002, rank 16 on
+    all seven modules)."""
+    from lorapool.memory.adapter_layout import pack_adapter
+    from lorapool.memory.peft_adapter import read_adapter
+    from lorapool.memory.pool import PageLayout
+    from lorapool.server.model.checkpoint import load_spec
+
+    spec = load_spec(tiny_demo.model_dir)
+    layout = PageLayout(spec.num_layers, 16, spec.num_kv_heads, spec.head_dim)
+    w = read_adapter(tiny_demo.adapter_dirs[2], spec)
+    packed = pack_adapter(spec, w.rank, w.scale, w.weights, torch.float32, layout.page_elems)
+    pinned = packed.num_pages(layout.page_elems)
+    pages = pinned + 12
+    return (
+        start_server(
+            engine={
+                "pool_mib": pages * layout.page_elems * 4 / 2**20,
+                "pinned": ["adapter-002"],
+                "max_new_tokens_limit": 1024,
+            }
+        ),
+        pinned,
+        pages,
+    )
+
+
+def test_a_request_that_cannot_fit_beside_the_pins_is_refused_at_once(pinned_server):
+    server, pinned, pages = pinned_server
+    channel = grpc.insecure_channel(server.target)
+    stub = pb_grpc.LoraPoolServiceStub(channel)
+    try:
+        stats = stub.GetStats(pb.GetStatsRequest(), timeout=10)
+        assert (stats.total_pages, stats.adapter_pages) == (pages, pinned)
+        # 13 blocks of KV: fits the pool, not the 12 pages the pin leaves.
+        big = pb.GenerateRequest(
+            input_ids=pb.TokenIds(ids=[5] * 16),
+            params=pb.SamplingParams(max_new_tokens=12 * 16, ignore_eos=True),
+        )
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as exc:
+            stream_tokens(stub, big, timeout=30)
+        assert time.monotonic() - started < 5, "refused at once, not at the deadline"
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"pinned adapters hold {pinned}" in exc.value.details()
+        assert error_info(exc.value.trailing_metadata()).reason == "POOL_PINNED"
+        # Requests for the pinned adapter itself fit: its pages are theirs to share.
+        ok = pb.GenerateRequest(
+            adapter_id="adapter-002",
+            input_ids=pb.TokenIds(ids=[5] * 16),
+            params=pb.SamplingParams(max_new_tokens=11 * 16, ignore_eos=True),
+        )
+        assert len(stream_tokens(stub, ok)) == 11 * 16
+        assert_idle(stub)
+    finally:
+        channel.close()
+
+
+def test_queue_time_ends_at_admission_not_at_the_first_token(stub):
+    reply = stub.Complete(
+        pb.CompleteRequest(
+            input_ids=pb.TokenIds(ids=list(range(5, 400))),
+            params=pb.SamplingParams(max_new_tokens=2, ignore_eos=True),
+        ),
+        timeout=30,
+    )
+    usage = reply.usage
+    assert 0 <= usage.queue_ms < usage.ttft_ms, usage

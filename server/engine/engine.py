@@ -55,6 +55,7 @@ from lorapool.types import (
 log = logging.getLogger("lorapool.engine")
 
 _NO_TOKENIZER = "this server runs a checkpoint without a tokenizer (start it with --tokenizer)"
+IDLE_WAKE_S = 1.0  # a safety net: every state change that matters sets _wake
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -222,6 +223,7 @@ class Engine:
             ids = await self._tokenize(request.prompt)
             self._check_admissible(request)  # the server may have changed meanwhile
         self.validator.check(request, ids)
+        self._check_fits_beside_pins(request, ids)
         if request.params.stop and self.tokenizer is None:
             raise NoTokenizer(_NO_TOKENIZER + "; stop strings need one (use stop_token_ids)")
         if len(self.scheduler.waiting) >= self.config.max_waiting:
@@ -243,6 +245,15 @@ class Engine:
         self.scheduler.add(seq)
         self._wake.set()
         return req
+
+    def _check_fits_beside_pins(self, request: GenerationRequest, ids: list[int]) -> None:
+        """A request whose KV alone can never fit beside the pinned adapters would
+        wait forever: refuse it at the door (RESOURCE_EXHAUSTED, with the numbers)."""
+        entry = self.adapters.entries.get(request.adapter_id) if request.adapter_id else None
+        key = entry.content_hash if entry is not None else ""
+        need = self.blocks.blocks_for(len(ids) + request.params.max_new_tokens)
+        if need > self.scheduler.room_beside_pins(key):
+            raise self.scheduler.too_big(request.request_id, need, key)
 
     def _check_admissible(self, request: GenerationRequest) -> None:
         if self.draining:
@@ -288,10 +299,13 @@ class Engine:
         plan = self.scheduler.schedule()
         for seq, exc in plan.failed:
             self._fail(self._requests[seq.request_id], exc)
+        self._stamp_admitted(plan)
         if not plan.batch:
+            # Nothing can run until something changes (a request, a finished load,
+            # an unload or abort), and each of those sets _wake: sleep until then.
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), 0.01)
+                await asyncio.wait_for(self._wake.wait(), IDLE_WAKE_S)
             except TimeoutError:
                 pass
             return
@@ -323,13 +337,17 @@ class Engine:
             item.adapter = self.adapters.placed(item.adapter_key)
         return self.runner.step(plan.batch)
 
-    def _postprocess(self, plan: StepPlan, result) -> None:
+    def _stamp_admitted(self, plan: StepPlan) -> None:
+        """The queue time of a request ends when it is admitted, before its step."""
         now = time.monotonic()
         for item in plan.batch:
             seq = item.seq
             if seq.first_scheduled is None:
                 seq.first_scheduled = now
                 self.prefix_hit_tokens += seq.num_cached_prompt
+
+    def _postprocess(self, plan: StepPlan, result) -> None:
+        now = time.monotonic()
         appended = self.scheduler.postprocess(plan.batch, result.sampled, accept=self._streaming)
         for seq, token, logprob in appended:
             req = self._requests[seq.request_id]
@@ -484,6 +502,7 @@ class Engine:
             if r.seq.adapter_id == adapter_id and r.seq.status is Status.WAITING
         ]
         self.adapters.unload(adapter_id)
+        self._wake.set()  # its pages may be free now
         for req in waiting:
             self.scheduler.remove(req.seq)
             self._fail(req, AdapterNotFound(f"adapter {adapter_id!r} was unloaded"))

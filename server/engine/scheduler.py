@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
+from lorapool.errors import InvalidRequest, PoolTooSmall
 from lorapool.memory.adapter_cache import AdapterEntry
 from lorapool.memory.adapters import AdapterManager
 from lorapool.memory.block_manager import BlockManager
@@ -155,9 +156,9 @@ class Scheduler:
         n = min(seq.num_pending, step.budget)
         need_kv = self.blocks.blocks_needed(seq, n)
         need = need_adapter + need_kv
-        if need > self.allocator.num_pages:
+        if need > self.room_beside_pins(key):
             self.blocks.free(seq)
-            plan.failed.append((seq, _too_big(seq, need, self.allocator.num_pages)))
+            plan.failed.append((seq, self.too_big(seq.request_id, need, key)))
             self.waiting.remove(seq)
             return False
         if need_adapter:
@@ -310,11 +311,24 @@ class Scheduler:
     def _release_adapter(self, seq: Sequence) -> None:
         self.adapters.release(seq.adapter_key)
 
+    # -- capacity -------------------------------------------------------------------------
+    def room_beside_pins(self, key: str = "") -> int:
+        """Pages a request for adapter content `key` can ever hold: the pool less the
+        pages of pinned adapters other than its own."""
+        return self.allocator.num_pages - self.adapters.pinned_pages(exclude=key)
 
-def _too_big(seq: Sequence, need: int, total: int) -> Exception:
-    from lorapool.errors import InvalidRequest
-
-    return InvalidRequest(
-        f"request {seq.request_id} needs {need} pages (prompt + max_new_tokens + adapter) but "
-        f"the whole pool holds {total}; lower max_new_tokens or the prompt length"
-    )
+    def too_big(self, request_id: str, need: int, key: str = "") -> Exception:
+        """The error for a request needing `need` pages more than it can ever get:
+        INVALID_ARGUMENT past the whole pool, RESOURCE_EXHAUSTED past the pins."""
+        total = self.allocator.num_pages
+        if need > total:
+            return InvalidRequest(
+                f"request {request_id} needs {need} pages (prompt + max_new_tokens + adapter) "
+                f"but the whole pool holds {total}; lower max_new_tokens or the prompt length"
+            )
+        pinned = total - self.room_beside_pins(key)
+        return PoolTooSmall(
+            f"request {request_id} needs {need} pages (prompt + max_new_tokens + adapter); "
+            f"the pool holds {total}, of which pinned adapters hold {pinned}; lower "
+            "max_new_tokens or the prompt length, or ask the operator to unpin an adapter"
+        )
