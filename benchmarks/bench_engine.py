@@ -199,10 +199,7 @@ class Bench:
         n_adapters = max(args.adapters)
         reads = [read_adapter(d, spec) for d in adapter_dirs[:n_adapters]]
         page_elems = layout.page_elems
-        packs = [
-            pack_adapter(spec, aw.rank, aw.scale, aw.weights, torch.float32, page_elems)
-            for aw in reads
-        ]
+        packs = [pack_adapter(spec, aw, torch.float32, page_elems) for aw in reads]
         self.max_len = args.prompt_len + args.steps + 1
         # Every adapter count of the largest batch is resident at once.
         rows = max(args.batches) * max(len(args.adapters), 1)

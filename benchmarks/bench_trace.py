@@ -189,7 +189,7 @@ def adapter_pages(paths, n: int, block_size: int) -> tuple[list[dict], int, floa
         if d.name in rows:
             continue
         aw = read_adapter(d, spec)
-        packed = pack_adapter(spec, aw.rank, aw.scale, aw.weights, torch.float32, page_elems)
+        packed = pack_adapter(spec, aw, torch.float32, page_elems)
         rows[d.name] = {
             "rank": aw.rank,
             "modules": len(aw.target_modules),

@@ -18,12 +18,16 @@ import functools
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from lorapool.errors import AdapterIncompatible
 from lorapool.memory.pool import ALIGN, PageLayout, PagePool, alignment
 from lorapool.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from lorapool.memory.peft_adapter import AdapterWeights
 
 log = logging.getLogger("lorapool.memory")
 
@@ -99,14 +103,11 @@ class PackedAdapter:
 
 
 def pack_adapter(
-    spec: ModelSpec,
-    rank: int,
-    scale: float,
-    weights: dict[tuple[int, str], tuple],
-    dtype,
-    page_elems: int,
+    spec: ModelSpec, adapter: AdapterWeights, dtype: torch.dtype, page_elems: int
 ) -> PackedAdapter:
-    """weights: (layer, module) -> (A [r, in], B [out, r]) as PEFT stores them."""
+    """The flat run of an adapter read by memory/peft_adapter.py, for pages of
+    page_elems elements of dtype."""
+    rank, scale, weights = adapter.rank, adapter.scale, adapter.weights
     chunks, offsets, pos = [], {}, 0
 
     def put(m: torch.Tensor, align: int) -> int:

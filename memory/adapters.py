@@ -99,15 +99,42 @@ class AdapterManager:
         """The entry for an id, creating it when a source knows the id."""
         return self.cache.entry(adapter_id, uri)
 
-    def stage(self, adapter_id: str, uri: str) -> AdapterEntry:
-        """A new source for a name, invisible until adopt (see AdapterCache.stage)."""
-        return self.cache.stage(adapter_id, uri)
+    async def load(self, adapter_id: str, source: str | None = None) -> AdapterEntry:
+        """The name's entry with its weights in host memory (or the pool), loading
+        them from `source` (default: what a source knows of the name). A load that
+        fails leaves no trace: a served name keeps serving what it served (a new
+        source loads beside it, staged, and replaces it on success), and a new
+        name's entry, visible while it loads so that requests join the load, is
+        removed again."""
+        old = self.entries.get(adapter_id)
+        if source and old is not None and old.uri != source:
+            staged = self.cache.stage(adapter_id, source)
+            await self.ensure_host(staged)
+            self.unload(adapter_id)
+            self.cache.adopt(staged)
+            self.registry.remember(adapter_id, source)
+        entry = self.entry(adapter_id, source)
+        try:
+            await self.ensure_host(entry)
+        except BaseException:
+            if old is None and self.entries.get(adapter_id) is entry:
+                self.unload(adapter_id)
+            raise
+        if source:
+            self.registry.remember(adapter_id, source)
+        return entry
 
-    def adopt(self, e: AdapterEntry) -> None:
-        """A staged entry that loaded replaces the name's entry, if any."""
-        if e.adapter_id in self.entries:
-            self.unload(e.adapter_id)
-        self.cache.adopt(e)
+    def knows(self, adapter_id: str) -> bool:
+        """Loaded, or a source knows the name (nothing is fetched)."""
+        return adapter_id in self.entries or self.registry.uri_for(adapter_id) is not None
+
+    def list_infos(self) -> list[AdapterInfo]:
+        """Every loaded adapter and every one a source lists, by name."""
+        infos = {e.adapter_id: self.info(e) for e in self.entries.values()}
+        for adapter_id, uri in self.registry.listable().items():
+            if adapter_id not in infos:
+                infos[adapter_id] = AdapterInfo(adapter_id, AdapterState.KNOWN, source=uri)
+        return [infos[k] for k in sorted(infos)]
 
     def state(self, e: AdapterEntry) -> AdapterState:
         if e.content_hash and e.content_hash in self.residency.device:
@@ -140,14 +167,7 @@ class AdapterManager:
         # Messages name the adapter by its folder or URI, never a server path.
         label = uri if "://" in uri else Path(path).name
         weights = read_adapter(path, self.spec, label=label)
-        packed = pack_adapter(
-            self.spec,
-            weights.rank,
-            weights.scale,
-            weights.weights,
-            self.pool.dtype,
-            self.pool.page_elems,
-        )
+        packed = pack_adapter(self.spec, weights, self.pool.dtype, self.pool.page_elems)
         verify_layout(self.pool.layout, self.spec, packed, self.pool.dtype)
         return weights, packed
 

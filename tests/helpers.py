@@ -104,14 +104,7 @@ class Harness:
 
     def place(self, adapter_dir: Path) -> PlacedAdapter:
         weights = read_adapter(adapter_dir, self.spec)
-        packed = pack_adapter(
-            self.spec,
-            weights.rank,
-            weights.scale,
-            weights.weights,
-            self.pool.dtype,
-            self.pool.page_elems,
-        )
+        packed = pack_adapter(self.spec, weights, self.pool.dtype, self.pool.page_elems)
         verify_layout(self.layout, self.spec, packed, self.pool.dtype)
         pages = self.pool.allocator.allocate(packed.num_pages(self.pool.page_elems))
         return place_adapter(self.pool, self.spec, packed, pages, weights.content_hash)

@@ -43,9 +43,7 @@ def pool(spec):
 
 
 def pack(spec, pool, weights):
-    return pack_adapter(
-        spec, weights.rank, weights.scale, weights.weights, pool.dtype, pool.page_elems
-    )
+    return pack_adapter(spec, weights, pool.dtype, pool.page_elems)
 
 
 # Each builder turns a copy of a good adapter (or an empty dir) into a bad one.

@@ -181,7 +181,7 @@ def test_sampling_never_raises_on_overflowed_rows():
     tokens, _ = sample(rows, seqs)
     assert tokens[0] in (0, 2)
     assert 0 <= tokens[1] < 4
-    assert tokens[2] == 1
+    assert tokens[2] in (1, 3)  # the NaN entries are never drawn
     assert tokens[3] in (0, 1, 2, 3)
 
 
@@ -324,7 +324,7 @@ def pinned_server(start_server, tiny_demo):
     spec = load_spec(tiny_demo.model_dir)
     layout = PageLayout(spec.num_layers, 16, spec.num_kv_heads, spec.head_dim)
     w = read_adapter(tiny_demo.adapter_dirs[2], spec)
-    packed = pack_adapter(spec, w.rank, w.scale, w.weights, torch.float32, layout.page_elems)
+    packed = pack_adapter(spec, w, torch.float32, layout.page_elems)
     pinned = packed.num_pages(layout.page_elems)
     pages = pinned + 12
     return (

@@ -84,3 +84,37 @@ async def test_every_call_is_unavailable_while_the_model_loads():
     with pytest.raises(LoraPoolError):
         async for _ in service.generate(generate_request()):
             pass
+
+
+async def test_the_package_root_is_the_in_process_api(tiny_demo):
+    """The README's example: the engine, requests and results from `lorapool`."""
+    from lorapool import Engine, EngineConfig, GenerationRequest, SamplingParams
+    from lorapool.server.engine.engine import Engine as EngineClass
+
+    assert Engine is EngineClass
+    engine = Engine(
+        EngineConfig(model_dir=str(tiny_demo.model_dir), adapter_dirs=[str(tiny_demo.adapters_dir)])
+    )
+    await engine.start()
+    try:
+        request = GenerationRequest(
+            request_id="r1",
+            prompt="river stone",
+            adapter_id="adapter-003",
+            params=SamplingParams(max_new_tokens=6, ignore_eos=True),
+        )
+        events = [e async for e in engine.generate(request)]
+        assert sum(len(e.token_ids) for e in events) == 6
+    finally:
+        await engine.stop()
+
+
+def test_importing_the_package_root_and_its_client_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lorapool; lorapool.LoraPoolClient; lorapool.SamplingParams; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

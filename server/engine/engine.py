@@ -8,16 +8,12 @@ Adapter loads run on their own threads and never pause the steps."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from lorapool.errors import (
     AdapterNotFound,
@@ -31,10 +27,12 @@ from lorapool.memory.adapters import AdapterManager
 from lorapool.memory.block_manager import BlockManager
 from lorapool.memory.pool import PageLayout, PagePool
 from lorapool.memory.sources import SourceRegistry
+from lorapool.server.engine.config import EngineConfig
 from lorapool.server.engine.detok import IncrementalDetokenizer
 from lorapool.server.engine.runner import ModelRunner
 from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
 from lorapool.server.engine.sequence import Sequence, Status
+from lorapool.server.engine.stream import RequestStream, Throughput
 from lorapool.server.engine.tokenizer import load_tokenizer
 from lorapool.server.engine.validation import (
     ADAPTER_ID,
@@ -49,54 +47,18 @@ from lorapool.types import (
     FinishReason,
     GenerationRequest,
     TokenEvent,
-    Usage,
 )
 
 log = logging.getLogger("lorapool.engine")
 
 _NO_TOKENIZER = "this server runs a checkpoint without a tokenizer (start it with --tokenizer)"
 IDLE_WAKE_S = 1.0  # a safety net: every state change that matters sets _wake
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class EngineConfig:
-    model_dir: str
-    model_name: str = ""  # reported by model_info; default: the checkpoint dir's name
-    adapter_dirs: list[str] = field(default_factory=list)
-    device: str = "cpu"
-    dtype: str = "float32"
-    pool_mib: float = 256.0
-    block_size: int = 16
-    max_batch_tokens: int = 512
-    max_running: int = 128
-    max_waiting: int = 1024  # bounded admission queue
-    max_new_tokens_limit: int = 4096
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    host_cache_mib: float = 1024.0
-    starvation_steps: int = 32
-    watermark: float = 0.02
-    enable_prefix_cache: bool = True
-    pinned: list[str] = field(default_factory=list)
-    max_logprobs: int = 20
-    tokenizer_dir: str | None = None  # default: the checkpoint's own tokenizer, if any
-
-
-class _Request:
-    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer):
-        self.seq = seq
-        self.detok = detok
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.aborted = False
-        self.done = False
 
 
 class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        dtype = DTYPES.get(config.dtype)
-        if dtype is None:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        dtype = config.torch_dtype
         self.model = Model.from_pretrained(config.model_dir, dtype=dtype, device=config.device)
         self.spec = self.model.spec
         self.tokenizer = load_tokenizer(config.model_dir, config.tokenizer_dir)
@@ -137,7 +99,7 @@ class Engine:
         self.eos_ids = set(self.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, RequestStream] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="step")
         # Tokenizing runs off the event loop, so a long text never stalls the streams.
         self._tokenize_executor = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -151,7 +113,7 @@ class Engine:
         self.prefix_hit_tokens = 0
         self.step_seconds = 0.0
         self.schedule_seconds = 0.0
-        self._recent: collections.deque = collections.deque(maxlen=256)  # (time, tokens)
+        self.throughput = Throughput()
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -215,7 +177,7 @@ class Engine:
         self._wake.set()
         return True
 
-    async def _admit(self, request: GenerationRequest) -> _Request:
+    async def _admit(self, request: GenerationRequest) -> RequestStream:
         self._check_admissible(request)
         check_adapter_id(request.adapter_id)
         ids = self.validator.input_ids(request)
@@ -240,7 +202,7 @@ class Engine:
                 fut.add_done_callback(lambda f, e=entry: self._on_loaded(e, f))
             elif fut.exception() is not None:
                 raise fut.exception()
-        req = _Request(seq, IncrementalDetokenizer(self.tokenizer, request.params.stop))
+        req = RequestStream(seq, IncrementalDetokenizer(self.tokenizer, request.params.stop))
         self._requests[request.request_id] = req
         self.scheduler.add(seq)
         self._wake.set()
@@ -353,46 +315,26 @@ class Engine:
             req = self._requests[seq.request_id]
             if seq.first_token_at is None:
                 seq.first_token_at = now
-            reason = self._finish_reason(seq, token, req)
-            cut = req.detok.find_stop() if req.detok.stop else None
-            if cut is not None:
-                reason = FinishReason.STOP
-            text = req.detok.take(final=reason != FinishReason.NONE, cut=cut)
-            event = TokenEvent(token_ids=[token], text=text, logprobs=[logprob] if logprob else [])
+            event, reason = req.token(token, logprob, self.eos_ids, self.max_model_len)
             if reason != FinishReason.NONE:
                 self._finish(req, reason, event)
             else:
                 req.queue.put_nowait(event)
         self.generated_tokens += len(appended)
-        self._recent.append((now, len(appended)))
+        self.throughput.record(now, len(appended))
 
     def _streaming(self, seq: Sequence) -> bool:
         """Whether a sampled token of seq still goes to its stream (not aborted or done)."""
         req = self._requests.get(seq.request_id)
         return req is not None and not req.aborted and not req.done
 
-    def _finish_reason(self, seq: Sequence, token: int, req: _Request) -> FinishReason:
-        p = seq.params
-        if token in p.stop_token_ids:
-            return FinishReason.STOP
-        if not p.ignore_eos and token in self.eos_ids:
-            return FinishReason.EOS
-        req.detok.add([token])
-        if len(seq.output_ids) >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return FinishReason.NONE
-
-    def _finish(self, req: _Request, reason: FinishReason, event: TokenEvent | None = None) -> None:
-        seq = req.seq
-        if seq.status is not Status.FINISHED:
-            self.scheduler.finish(seq)
-        seq.finish_reason = reason
-        req.done = True
-        self._requests.pop(seq.request_id, None)
-        event = event or TokenEvent(token_ids=[], text="")
-        event.finish_reason = reason
-        event.usage = self._usage(seq)
-        req.queue.put_nowait(event)
+    def _finish(
+        self, req: RequestStream, reason: FinishReason, event: TokenEvent | None = None
+    ) -> None:
+        if req.seq.status is not Status.FINISHED:
+            self.scheduler.finish(req.seq)
+        self._requests.pop(req.seq.request_id, None)
+        req.finish(reason, event)
 
     def _fail_all(self, exc: Exception) -> None:
         """Fail every request in flight and return all their pages: the scheduler's
@@ -401,24 +343,12 @@ class Engine:
             self._fail(req, exc)
         self.scheduler.reset()
 
-    def _fail(self, req: _Request, exc: Exception) -> None:
+    def _fail(self, req: RequestStream, exc: Exception) -> None:
         if req.seq.status is not Status.FINISHED:
             self.scheduler.remove(req.seq)
             req.seq.status = Status.FINISHED
-        req.done = True
         self._requests.pop(req.seq.request_id, None)
-        req.queue.put_nowait(exc)
-
-    def _usage(self, seq: Sequence) -> Usage:
-        queue_ms = ((seq.first_scheduled or time.monotonic()) - seq.arrival) * 1000
-        ttft = ((seq.first_token_at - seq.arrival) * 1000) if seq.first_token_at else 0.0
-        return Usage(
-            prompt_tokens=len(seq.prompt_ids),
-            completion_tokens=len(seq.output_ids),
-            cached_prompt_tokens=seq.num_cached_prompt,
-            queue_ms=queue_ms,
-            ttft_ms=ttft,
-        )
+        req.fail(exc)
 
     def _reap_aborted(self) -> None:
         for req in [r for r in self._requests.values() if r.aborted and not r.done]:
@@ -464,24 +394,7 @@ class Engine:
         that fails leaves no trace: the name keeps serving what it served before,
         and a new name gets no entry."""
         check_adapter_id(adapter_id, required=True)
-        old = self.adapters.entries.get(adapter_id)
-        if source and old is not None and old.uri != source:
-            # A new source for a served name loads beside it and replaces it on success.
-            staged = self.adapters.stage(adapter_id, source)
-            await self.adapters.ensure_host(staged)
-            self.adapters.adopt(staged)
-            self.registry.remember(adapter_id, source)
-        entry = self.adapters.entry(adapter_id, source or None)
-        try:
-            await self.adapters.ensure_host(entry)
-        except BaseException:
-            # A new name's entry is visible while it loads (requests for it join the
-            # load); a failed load removes it again.
-            if old is None and self.adapters.entries.get(adapter_id) is entry:
-                self.adapters.unload(adapter_id)
-            raise
-        if source:
-            self.registry.remember(adapter_id, source)
+        entry = await self.adapters.load(adapter_id, source)
         if pin and not entry.pinned:
             entry.pinned = True
             fut = asyncio.get_running_loop().create_future()
@@ -508,21 +421,11 @@ class Engine:
             self._fail(req, AdapterNotFound(f"adapter {adapter_id!r} was unloaded"))
 
     def list_adapters(self) -> list[AdapterInfo]:
-        infos = {e.adapter_id: self.adapters.info(e) for e in self.adapters.entries.values()}
-        for adapter_id, uri in self.registry.listable().items():
-            if adapter_id not in infos:
-                from lorapool.types import AdapterState
-
-                infos[adapter_id] = AdapterInfo(adapter_id, AdapterState.KNOWN, source=uri)
-        return [infos[k] for k in sorted(infos)]
+        return self.adapters.list_infos()
 
     def knows_adapter(self, adapter_id: str) -> bool:
         """Whether the id was loaded or a source knows it (without loading it)."""
-        if adapter_id in self.adapters.entries:
-            return True
-        return ADAPTER_ID.fullmatch(adapter_id) is not None and bool(
-            self.registry.uri_for(adapter_id)
-        )
+        return ADAPTER_ID.fullmatch(adapter_id) is not None and self.adapters.knows(adapter_id)
 
     def on_adapter_load(self, callback) -> None:
         """callback(seconds) after every completed adapter load (for metrics)."""
@@ -548,12 +451,6 @@ class Engine:
     def stats(self) -> EngineStats:
         live = [r.seq for r in self._requests.values()]
         kv = self.blocks.live_pages(live)
-        now = time.monotonic()
-        window = [(t, n) for t, n in self._recent if now - t <= 10.0]
-        tps = 0.0
-        if len(window) > 1:
-            span = max(now - window[0][0], 1e-6)
-            tps = sum(n for _, n in window) / span
         return EngineStats(
             total_pages=self.pool.num_pages,
             free_pages=self.pool.allocator.free_count,
@@ -563,7 +460,7 @@ class Engine:
             page_bytes=self.pool.page_bytes,
             running_requests=len(self.scheduler.running),
             waiting_requests=len(self.scheduler.waiting),
-            tokens_per_second=tps,
+            tokens_per_second=self.throughput.rate(time.monotonic()),
             generated_tokens=self.generated_tokens,
             steps=self.steps,
             adapter_loads=self.adapters.loads,
