@@ -7,10 +7,11 @@ PROTO   := protos/lorapool/v1/lorapool.proto
 
 .PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc clean
 
-$(VENV): pyproject.toml
+# Exact versions from constraints.txt (pyproject.toml declares ranges).
+$(VENV): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[server,dev]'
 	touch $(VENV)
 
 run: $(VENV)

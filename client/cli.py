@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
@@ -20,6 +21,46 @@ COMMANDS = {
 }
 
 
+# Subcommands from these packages need the `server` extra; the modules it brings
+# (import names) are probed before such a subcommand is imported, since some are
+# imported lazily deep inside.
+SERVER_PACKAGES = ("lorapool.server.", "lorapool.demo.", "lorapool.memory.")
+SERVER_EXTRA_MODULES = (
+    "torch",
+    "transformers",
+    "safetensors",
+    "tokenizers",
+    "huggingface_hub",
+    "xxhash",
+    "numpy",
+    "grpc_reflection",
+    "prometheus_client",
+)
+
+
+def _import_command(name: str, module_path: str):
+    """The subcommand's module; None, after one line naming what to install, when
+    a third-party module it needs is missing (a missing lorapool module re-raises)."""
+    server_side = module_path.startswith(SERVER_PACKAGES)
+    try:
+        if server_side:
+            for dep in SERVER_EXTRA_MODULES:
+                if importlib.util.find_spec(dep) is None:
+                    raise ModuleNotFoundError(f"No module named {dep!r}", name=dep)
+        return importlib.import_module(module_path)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if not missing or missing == "lorapool":
+            raise
+        extra = "'lorapool[server]'" if server_side else "lorapool"
+        print(
+            f"lorapool {name}: Python module {missing!r} is not installed; "
+            f"install it with: pip install {extra}",
+            file=sys.stderr,
+        )
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="lorapool", description=__doc__.splitlines()[0])
@@ -30,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # prints usage / error and exits
         return 2
     name = argv[0]
-    module = importlib.import_module(COMMANDS[name][0])
+    module = _import_command(name, COMMANDS[name][0])
+    if module is None:
+        return 2
     cmd_parser = argparse.ArgumentParser(prog=f"lorapool {name}", description=COMMANDS[name][1])
     module.add_arguments(cmd_parser, name)
     args = cmd_parser.parse_args(argv[1:])
