@@ -11,7 +11,7 @@ import sys
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 COMMANDS = {
-    "serve": ("lorapool.server.transport.app", "start the gRPC server"),
+    "serve": ("lorapool.server.transport.cli", "start the gRPC server"),
     "make-demo": ("lorapool.demo.cli", "write a random-init model and PEFT adapters"),
     "generate": ("lorapool.client.commands", "stream a generation to stdout"),
     "complete": ("lorapool.client.commands", "one-shot completion"),

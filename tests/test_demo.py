@@ -293,19 +293,19 @@ def test_default_demo_dir(monkeypatch, tmp_path):
 def test_serve_without_model_says_it_serves_the_demo(monkeypatch, capsys, llama):
     import argparse
 
-    from lorapool.server.transport import app
+    from lorapool.server.transport import cli
 
     parser = argparse.ArgumentParser()
-    app.add_arguments(parser, "serve")
+    cli.add_arguments(parser, "serve")
     monkeypatch.setenv("LORAPOOL_DEMO_DIR", str(llama.root))  # same parameters: reused
-    config = app.config_from_args(parser.parse_args([]))
+    config = cli.config_from_args(parser.parse_args([]))
     assert config.engine.model_dir == str(llama.model_dir)
     assert config.engine.adapter_dirs == [str(llama.adapters_dir)]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "random-init demo model" in err[0]
     assert str(llama.root) in err[0] and "--model PATH" in err[0]
 
-    app.config_from_args(parser.parse_args(["--model", str(llama.model_dir)]))
+    cli.config_from_args(parser.parse_args(["--model", str(llama.model_dir)]))
     assert capsys.readouterr().err == ""
 
 

@@ -418,7 +418,7 @@ def test_check_model_dir_names_each_problem(broken_checkpoints, tiny_demo):
 def test_bad_key_files_and_rules_are_one_line(tiny_demo, tmp_path):
     import argparse
 
-    from lorapool.server.transport import app
+    from lorapool.server.transport import cli
 
     model = ("--model", str(tiny_demo.model_dir), "--log-level", "WARNING")
     empty = tmp_path / "empty-key"
@@ -434,14 +434,14 @@ def test_bad_key_files_and_rules_are_one_line(tiny_demo, tmp_path):
         (("--tokenizer", str(tmp_path)), "--tokenizer"),
     ]
     parser = argparse.ArgumentParser()
-    app.add_arguments(parser, "serve")
+    cli.add_arguments(parser, "serve")
     for args, words in cases:
-        with pytest.raises(app.StartupError, match=re.escape(words)):
-            app.config_from_args(parser.parse_args([*model, *args]))
-    config = app.config_from_args(parser.parse_args([*model, "--api-key-file", str(key)]))
+        with pytest.raises(cli.StartupError, match=re.escape(words)):
+            cli.config_from_args(parser.parse_args([*model, *args]))
+    config = cli.config_from_args(parser.parse_args([*model, "--api-key-file", str(key)]))
     assert config.api_key == USER_KEY and config.admin_api_key is None
     none = parser.parse_args([*model, "--adapter-source-allow", "none"])
-    assert app.config_from_args(none).adapter_source_allow == []
+    assert cli.config_from_args(none).adapter_source_allow == []
     # through the command: one line, exit 2
     assert "cannot read --api-key-file" in one_line(serve(*model, *cases[0][0]))
 
