@@ -1,7 +1,8 @@
 """Python clients for lorapool: blocking and asyncio, typed, with errors that carry
 the gRPC status and the server's machine-readable reason."""
 
-from lorapool.client.client import AsyncLoraPoolClient, LoraPoolClient, LoraPoolClientError
+from lorapool.client.client import AsyncLoraPoolClient, LoraPoolClient
+from lorapool.client.errors import LoraPoolClientError
 from lorapool.convert import Completion, ModelInfo, Tokenized
 
 __all__ = [

@@ -21,8 +21,9 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from lorapool.client.client import AsyncLoraPoolClient, LoraPoolClientError
+from lorapool.client.client import AsyncLoraPoolClient
 from lorapool.client.commands import add_connection_arguments, connection_kwargs
+from lorapool.client.errors import LoraPoolClientError
 from lorapool.client.report import BenchReport, status_name
 from lorapool.client.stats import CallResult
 from lorapool.client.trace import (

@@ -1,18 +1,11 @@
 """Typed clients for LoraPoolService: `LoraPoolClient` (blocking) and
 `AsyncLoraPoolClient` (grpc.aio). Both return the engine's plain dataclasses and
-raise `LoraPoolClientError` instead of grpc.RpcError.
-
-Retries are left to gRPC's own retry policy (service config), limited to calls
-that are safe to repeat: the read-only unary calls and Generate. gRPC commits a
-streaming call when the first response arrives, so Generate is retried only
-while nothing came back yet. Complete, LoadAdapter and UnloadAdapter are never
-retried: a repeated Complete would redo the whole generation.
+raise `LoraPoolClientError` instead of grpc.RpcError. How the channel is opened
+(limits, key metadata, which calls gRPC retries) is client/channel.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,13 +13,22 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lorapool.client.channel import (
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT_S,
+    MAX_MESSAGE_BYTES,
+    auth_metadata,
+    channel_credentials,
+    channel_options,
+    open_channel,
+)
+from lorapool.client.errors import LoraPoolClientError, rpc_errors
 from lorapool.convert import (
     Completion,
     ModelInfo,
     Tokenized,
     adapter_info_from_proto,
     completion_from_proto,
-    error_info,
     event_from_proto,
     model_info_from_proto,
     stats_from_proto,
@@ -35,72 +37,13 @@ from lorapool.types import AdapterInfo, EngineStats, SamplingParams, TokenEvent
 from lorapool.v1 import lorapool_pb2 as pb
 from lorapool.v1 import lorapool_pb2_grpc as pb_grpc
 
-DEFAULT_TARGET = "localhost:50051"
-DEFAULT_TIMEOUT_S = 120.0
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-SERVICE = "lorapool.v1.LoraPoolService"
-RETRIED_METHODS = ("GetStats", "ListAdapters", "GetModelInfo", "Tokenize", "Generate")
-
-
-class LoraPoolClientError(Exception):
-    """A failed call: the gRPC status code, its message, and the machine-readable
-    reason from the google.rpc.ErrorInfo detail ("" when the server sent none,
-    e.g. a deadline that expired on the client)."""
-
-    def __init__(
-        self,
-        code: grpc.StatusCode,
-        details: str,
-        reason: str = "",
-        metadata: dict[str, str] | None = None,
-    ):
-        self.code = code
-        self.details = details
-        self.reason = reason
-        self.metadata = metadata or {}
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        suffix = f" [{self.reason}]" if self.reason else ""
-        return f"{self.code.name}: {self.details}{suffix}"
-
-    @classmethod
-    def from_rpc_error(cls, err: grpc.RpcError) -> LoraPoolClientError:
-        call: Any = err  # RpcError raised by a call is also a grpc.Call
-        info = error_info(call.trailing_metadata())
-        return cls(call.code(), call.details() or "", info.reason, dict(info.metadata))
-
-
-def service_config(retries: int) -> str:
-    """gRPC service config JSON that retries UNAVAILABLE on the safe methods."""
-    if retries <= 0:
-        return json.dumps({"methodConfig": []})
-    names = [{"service": SERVICE, "method": m} for m in RETRIED_METHODS]
-    names.append({"service": "grpc.health.v1.Health", "method": "Check"})
-    policy = {
-        "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
-        "initialBackoff": "0.1s",
-        "maxBackoff": "2s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    }
-    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
-
-
-def channel_options(retries: int, max_message_bytes: int) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.enable_retries", 1 if retries > 0 else 0),
-        ("grpc.service_config", service_config(retries)),
-    ]
-
-
-def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """The key goes both as x-api-key and as a bearer token, so either check works."""
-    if not api_key:
-        return ()
-    return (("x-api-key", api_key), ("authorization", f"Bearer {api_key}"))
+__all__ = [
+    "DEFAULT_TARGET",
+    "AsyncLoraPoolClient",
+    "LoraPoolClient",
+    "LoraPoolClientError",
+    "generation_request",
+]
 
 
 def generation_request(
@@ -129,19 +72,6 @@ def generation_request(
     else:
         msg.prompt = prompt
     return msg
-
-
-@contextlib.contextmanager
-def _rpc_errors(stream: Any = None) -> Iterator[None]:
-    """grpc.RpcError becomes LoraPoolClientError. A stream is cancelled on the way
-    out: a no-op once it ended, and it frees the server when the caller stopped early."""
-    try:
-        yield
-    except grpc.RpcError as err:
-        raise LoraPoolClientError.from_rpc_error(err) from None
-    finally:
-        if stream is not None:
-            stream.cancel()
 
 
 @dataclass(frozen=True)
@@ -177,17 +107,8 @@ class _ClientBase:
         self.timeout = timeout
         self.metadata = auth_metadata(api_key) + tuple(metadata)
         self.options = channel_options(retries, max_message_bytes)
-        self.credentials = (
-            grpc.ssl_channel_credentials(root_certificates)
-            if tls or root_certificates is not None
-            else None
-        )
-        if self.credentials is None:
-            self.channel = self._channels.insecure_channel(target, options=self.options)
-        else:
-            self.channel = self._channels.secure_channel(
-                target, self.credentials, options=self.options
-            )
+        self.credentials = channel_credentials(tls, root_certificates)
+        self.channel = open_channel(self._channels, target, self.credentials, self.options)
         self.stub = pb_grpc.LoraPoolServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -284,7 +205,7 @@ class LoraPoolClient(_ClientBase):
         self.close()
 
     def _send(self, unary: _Unary, timeout: float | None) -> Any:
-        with _rpc_errors():
+        with rpc_errors():
             reply = self._call(unary.method, unary.request, timeout)
         return unary.read(reply)
 
@@ -348,7 +269,7 @@ class LoraPoolClient(_ClientBase):
 
 
 def _stream(call: Any) -> Iterator[TokenEvent]:
-    with _rpc_errors(call):
+    with rpc_errors(call):
         for msg in call:
             yield event_from_proto(msg)
 
@@ -369,7 +290,7 @@ class AsyncLoraPoolClient(_ClientBase):
         await self.close()
 
     async def _send(self, unary: _Unary, timeout: float | None) -> Any:
-        with _rpc_errors():
+        with rpc_errors():
             reply = await self._call(unary.method, unary.request, timeout)
         return unary.read(reply)
 
@@ -388,7 +309,7 @@ class AsyncLoraPoolClient(_ClientBase):
         call = self._open_generate(
             prompt, input_ids, adapter_id, request_id, priority, timeout, sampling
         )
-        with _rpc_errors(call):
+        with rpc_errors(call):
             async for msg in call:
                 yield event_from_proto(msg)
 

@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lorapool.client.client import DEFAULT_TARGET, LoraPoolClient, LoraPoolClientError
+from lorapool.client.channel import DEFAULT_TARGET
+from lorapool.client.client import LoraPoolClient
+from lorapool.client.errors import LoraPoolClientError
 from lorapool.types import AdapterInfo
 
 EXIT_RPC_ERROR = 1
