@@ -5,6 +5,10 @@ can use it (server/model/checkpoint.py reads it from a checkpoint)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 # The linear modules a LoRA adapter may target, with their (in, out) widths.
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -28,7 +32,8 @@ class ModelSpec:
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
     sliding_window: int | None = None
-    hf_config: object = field(default=None, compare=False, repr=False)
+    # the checkpoint's own config (the model builds its HF modules from it)
+    hf_config: PreTrainedConfig | None = field(default=None, compare=False, repr=False)
 
     def module_shape(self, module: str) -> tuple[int, int]:
         """(in_features, out_features) of a targetable linear module."""

@@ -27,6 +27,8 @@ from lorapool.memory.pool import ALIGN, PageLayout, PagePool, alignment
 from lorapool.spec import ModelSpec
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from lorapool.memory.peft_adapter import AdapterWeights
 
 log = logging.getLogger("lorapool.memory")
@@ -134,21 +136,45 @@ def pack_adapter(
 
 
 def place_adapter(
-    pool: PagePool, spec: ModelSpec, packed: PackedAdapter, pages, key: str
+    pool: PagePool, spec: ModelSpec, packed: PackedAdapter, pages: list[int] | np.ndarray, key: str
 ) -> PlacedAdapter:
     """Copy the packed adapter into `pages` and compute its pool row indices."""
-    p = pool.page_elems
     pages_t = torch.as_tensor(pages, dtype=torch.long)
+    _copy_into_pages(pool, packed, pages_t)
+    layers = _matrix_rows(pool, spec, packed, pages_t)
+    sites = {}
+    for site, site_modules in SITES.items():
+        mods = [m for m in site_modules if m in layers]
+        if mods:
+            sites[site] = _site_index(pool, spec, site, mods, layers, packed.rank)
+    return PlacedAdapter(key=key, rank=packed.rank, sites=sites, pages=pages_t)
+
+
+# module -> per layer, (shrink, expand) row indices of its A^T and (sB)^T
+_MatrixRows = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _copy_into_pages(pool: PagePool, packed: PackedAdapter, pages_t: torch.Tensor) -> None:
+    """The packed run, zero-padded to whole pages, written to the pages in one copy."""
+    p = pool.page_elems
     n = pages_t.numel()
     buf = torch.zeros(n * p, dtype=pool.dtype)
     buf[: packed.flat.numel()] = packed.flat
     pool.pages_view()[pages_t.to(pool.device)] = buf.view(n, p).to(pool.device)
 
+
+def _matrix_rows(
+    pool: PagePool, spec: ModelSpec, packed: PackedAdapter, pages_t: torch.Tensor
+) -> _MatrixRows:
+    """Each matrix's sub-rows as row indices of the pool's rows views (width g
+    for A^T, h for (sB)^T), in layer order."""
+    p = pool.page_elems
+
     def to_pool(e: torch.Tensor) -> torch.Tensor:
         return pages_t[e // p] * p + e % p
 
     r, g = packed.rank, shrink_width(packed.rank)
-    layers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    layers: _MatrixRows = {}
     for (_layer, module), (off_a, off_b) in sorted(packed.offsets.items()):  # layer order
         fan_in, fan_out = spec.module_shape(module)
         h = site_width(spec, SITE_OF[module], p)
@@ -159,37 +185,44 @@ def place_adapter(
         j = torch.arange(r).view(1, -1)
         expand = to_pool(off_b + j * fan_out + d * h).reshape(-1) // h
         layers.setdefault(module, []).append((shrink, expand))
+    return layers
+
+
+def _site_index(
+    pool: PagePool,
+    spec: ModelSpec,
+    site: str,
+    mods: list[str],
+    layers: _MatrixRows,
+    r: int,
+) -> SiteIndex:
+    """One site's indices: every targeted module's rows stacked per layer, and
+    where each expand bag lands in the site's fused output."""
     dev = pool.device
-    sites = {}
-    for site, site_modules in SITES.items():
-        mods = [m for m in site_modules if m in layers]
-        if not mods:
-            continue
-        per_module = {}
-        for m in mods:
-            if len(layers[m]) != spec.num_layers:
-                raise ValueError(f"adapter must target {m} in every layer")
-            per_module[m] = (
-                torch.stack([s for s, _ in layers[m]]),
-                torch.stack([e for _, e in layers[m]]),
-            )
-        h = site_width(spec, site, p)
-        cols = site_columns(spec, site)
-        out_rows, v_index = [], []
-        for k, m in enumerate(mods):
-            nb = spec.module_shape(m)[1] // h
-            out_rows.append(cols[m] // h + torch.arange(nb))
-            v_index.append((k * r + torch.arange(r)).repeat(nb))
-        sites[site] = SiteIndex(
-            rank=r,
-            modules=mods,
-            shrink=torch.cat([per_module[m][0] for m in mods], dim=1).to(dev),
-            expand=torch.cat([per_module[m][1] for m in mods], dim=1).to(dev),
-            out_rows=torch.cat(out_rows),
-            v_index=torch.cat(v_index),
-            per_module={m: (s.to(dev), e.to(dev)) for m, (s, e) in per_module.items()},
+    per_module = {}
+    for m in mods:
+        if len(layers[m]) != spec.num_layers:
+            raise ValueError(f"adapter must target {m} in every layer")
+        per_module[m] = (
+            torch.stack([s for s, _ in layers[m]]),
+            torch.stack([e for _, e in layers[m]]),
         )
-    return PlacedAdapter(key=key, rank=r, sites=sites, pages=pages_t)
+    h = site_width(spec, site, pool.page_elems)
+    cols = site_columns(spec, site)
+    out_rows, v_index = [], []
+    for k, m in enumerate(mods):
+        nb = spec.module_shape(m)[1] // h
+        out_rows.append(cols[m] // h + torch.arange(nb))
+        v_index.append((k * r + torch.arange(r)).repeat(nb))
+    return SiteIndex(
+        rank=r,
+        modules=mods,
+        shrink=torch.cat([per_module[m][0] for m in mods], dim=1).to(dev),
+        expand=torch.cat([per_module[m][1] for m in mods], dim=1).to(dev),
+        out_rows=torch.cat(out_rows),
+        v_index=torch.cat(v_index),
+        per_module={m: (s.to(dev), e.to(dev)) for m, (s, e) in per_module.items()},
+    )
 
 
 def gather_weights(pool: PagePool, spec: ModelSpec, adapter: PlacedAdapter, layer, module, view):

@@ -23,6 +23,9 @@ _KEY = re.compile(
     r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])(?:\.default)?\.weight$"
 )
 
+# (layer, module) -> (A [r, in], B [out, r])
+LoraWeights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
 
 @dataclass
 class AdapterWeights:
@@ -32,7 +35,7 @@ class AdapterWeights:
     alpha: float
     use_rslora: bool
     target_modules: list[str]
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (A [r,in], B [out,r])
+    weights: LoraWeights
     content_hash: str  # xxhash of config values that matter + every tensor byte
     nbytes: int
 
@@ -139,7 +142,33 @@ def _scaling(path: str, config: dict) -> tuple[int, float, bool]:
     return rank, float(alpha), use_rslora
 
 
-def _build(path: str, config: dict, tensors: dict, spec: ModelSpec) -> AdapterWeights:
+def _build(
+    path: str, config: dict, tensors: dict[str, torch.Tensor], spec: ModelSpec
+) -> AdapterWeights:
+    pairs = _pairs(path, tensors, spec)
+    rank, alpha, use_rslora = _scaling(path, config)
+    scale = alpha / (math.sqrt(rank) if use_rslora else rank)
+    weights: LoraWeights = {}
+    modules = sorted({mod for _, mod in pairs})
+    for (layer, module), ab in sorted(pairs.items()):
+        weights[(layer, module)] = _checked_pair(path, layer, module, ab, rank, scale, spec)
+    _check_every_layer(path, modules, weights, spec)
+    content_hash, nbytes = _content_hash(rank, alpha, use_rslora, weights)
+    return AdapterWeights(
+        rank=rank,
+        alpha=alpha,
+        use_rslora=use_rslora,
+        target_modules=modules,
+        weights=weights,
+        content_hash=content_hash,
+        nbytes=nbytes,
+    )
+
+
+def _pairs(
+    path: str, tensors: dict[str, torch.Tensor], spec: ModelSpec
+) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """(layer, module) -> {"A": lora_A, "B": lora_B}; any other tensor is refused."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _KEY.match(key)
@@ -156,28 +185,45 @@ def _build(path: str, config: dict, tensors: dict, spec: ModelSpec) -> AdapterWe
         pairs.setdefault((layer, module), {})[which] = tensor
     if not pairs:
         raise AdapterIncompatible(f"{path}: adapter_model.safetensors holds no LoRA weights")
-    rank, alpha, use_rslora = _scaling(path, config)
-    scale = alpha / (math.sqrt(rank) if use_rslora else rank)
-    weights = {}
-    modules = sorted({mod for _, mod in pairs})
-    for (layer, module), ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise AdapterIncompatible(f"{path}: layer {layer} {module} lacks lora_A or lora_B")
-        a, b = ab["A"], ab["B"]
-        fan_in, fan_out = spec.module_shape(module)
-        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
-            raise AdapterIncompatible(
-                f"{path}: layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B "
-                f"{tuple(b.shape)} do not fit the base model, which needs "
-                f"({rank}, {fan_in}) / ({fan_out}, {rank}) for rank {rank}"
-            )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterIncompatible(f"{path}: layer {layer} {module} holds NaN or inf")
-        if not torch.isfinite(b.float() * scale).all():
-            raise AdapterIncompatible(
-                f"{path}: layer {layer} {module}: lora_B times the scale {scale:g} overflows"
-            )
-        weights[(layer, module)] = (a, b)
+    return pairs
+
+
+def _checked_pair(
+    path: str,
+    layer: int,
+    module: str,
+    ab: dict[str, torch.Tensor],
+    rank: int,
+    scale: float,
+    spec: ModelSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of one module, both present, shaped for the base model and finite
+    (B also once scaled)."""
+    if set(ab) != {"A", "B"}:
+        raise AdapterIncompatible(f"{path}: layer {layer} {module} lacks lora_A or lora_B")
+    a, b = ab["A"], ab["B"]
+    fan_in, fan_out = spec.module_shape(module)
+    if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
+        raise AdapterIncompatible(
+            f"{path}: layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B "
+            f"{tuple(b.shape)} do not fit the base model, which needs "
+            f"({rank}, {fan_in}) / ({fan_out}, {rank}) for rank {rank}"
+        )
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterIncompatible(f"{path}: layer {layer} {module} holds NaN or inf")
+    if not torch.isfinite(b.float() * scale).all():
+        raise AdapterIncompatible(
+            f"{path}: layer {layer} {module}: lora_B times the scale {scale:g} overflows"
+        )
+    return a, b
+
+
+def _check_every_layer(
+    path: str,
+    modules: list[str],
+    weights: LoraWeights,
+    spec: ModelSpec,
+) -> None:
     for module in modules:
         missing = [i for i in range(spec.num_layers) if (i, module) not in weights]
         if missing:
@@ -185,6 +231,16 @@ def _build(path: str, config: dict, tensors: dict, spec: ModelSpec) -> AdapterWe
                 f"{path}: {module} is adapted in some layers but not in {missing[:4]}; "
                 "adapters must cover every layer of a module they target"
             )
+
+
+def _content_hash(
+    rank: int,
+    alpha: float,
+    use_rslora: bool,
+    weights: LoraWeights,
+) -> tuple[str, int]:
+    """(xxhash of the config values that matter and every tensor byte, bytes
+    hashed): the adapter's identity whatever it is called."""
     h = xxhash.xxh3_128()
     h.update(json.dumps([rank, alpha, use_rslora]).encode())
     nbytes = 0
@@ -193,12 +249,4 @@ def _build(path: str, config: dict, tensors: dict, spec: ModelSpec) -> AdapterWe
             raw = t.contiguous().view(torch.uint8).numpy().tobytes()
             h.update(raw)
             nbytes += len(raw)
-    return AdapterWeights(
-        rank=rank,
-        alpha=alpha,
-        use_rslora=use_rslora,
-        target_modules=modules,
-        weights=weights,
-        content_hash=h.hexdigest(),
-        nbytes=nbytes,
-    )
+    return h.hexdigest(), nbytes

@@ -6,15 +6,15 @@ them, after the step returns."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lorapool.memory.pool import PagePool
 from lorapool.server.engine.sampling import sample
-from lorapool.server.engine.sequence import ScheduledSeq
+from lorapool.server.engine.sequence import ScheduledSeq, Sequence
 from lorapool.server.model.attention import PagedAttention, build_meta
-from lorapool.server.model.lora import DENSE_SEGMENT_TOKENS, LoraBatch
+from lorapool.server.model.lora import DENSE_SEGMENT_TOKENS, LoraBatch, Segment
 from lorapool.server.model.model import Model
 from lorapool.types import TokenLogprob
 
@@ -22,7 +22,24 @@ from lorapool.types import TokenLogprob
 @dataclass
 class StepResult:
     # one entry per scheduled sequence that reached the end of its known tokens
-    sampled: list[tuple[object, int, TokenLogprob | None]]
+    sampled: list[tuple[Sequence, int, TokenLogprob | None]]
+
+
+@dataclass
+class StepInputs:
+    """A step's tokens flattened into host lists, and where each one goes: its KV
+    slot, its sequence's attention rows, its adapter, whether it is sampled."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_pages: list[int] = field(default_factory=list)  # KV page of each new token
+    slot_offsets: list[int] = field(default_factory=list)  # its slot in that page
+    decode_tables: list[list[int]] = field(default_factory=list)  # per decode row
+    decode_lens: list[int] = field(default_factory=list)
+    prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)  # tokens whose logits are sampled
+    sampling: list[Sequence] = field(default_factory=list)  # their sequences
 
 
 class ModelRunner:
@@ -33,68 +50,64 @@ class ModelRunner:
         self.block_size = pool.layout.block_size
         self.scale = model.spec.head_dim**-0.5
         self.attention = PagedAttention(pool)
-        self._lora_cache: tuple | None = None  # (segments, LoraBatch) of the last step
+        self._lora_cache: tuple[list[Segment], LoraBatch] | None = None  # the last step's
 
     def step(self, batch: list[ScheduledSeq]) -> StepResult:
         # Decode rows (one token) first so attention batches them in one call.
         batch = sorted(batch, key=lambda s: s.num_tokens != 1)
-        bs = self.block_size
-        ids, positions, slot_pages, slot_offsets = [], [], [], []
-        decode_tables, decode_lens, prefills, segments, logits_rows, sampling = (
-            [],
-            [],
-            [],
-            [],
-            [],
-            [],
-        )
-        for item in batch:
-            seq, n = item.seq, item.num_tokens
-            start = len(ids)
-            first = seq.num_computed
-            tokens = seq.all_ids[first : first + n]
-            ids.extend(tokens)
-            pos = range(first, first + n)
-            positions.extend(pos)
-            slot_pages.extend(seq.block_table[p // bs] for p in pos)
-            slot_offsets.extend(p % bs for p in pos)
-            ctx = first + n
-            if n == 1:
-                decode_tables.append(seq.block_table[: -(-ctx // bs)])
-                decode_lens.append(ctx)
-            else:
-                prefills.append((start, n, ctx, seq.block_table[: -(-ctx // bs)]))
-            segments.append((start, n, item.adapter))
-            if ctx == seq.num_tokens:
-                logits_rows.append(start + n - 1)
-                sampling.append(seq)
-        dev = self.pool.device
+        inputs = self._flatten(batch)
         meta = build_meta(
             self.pool,
             self.model.spec.num_heads,
-            slot_pages,
-            slot_offsets,
-            decode_tables,
-            decode_lens,
-            prefills,
+            inputs.slot_pages,
+            inputs.slot_offsets,
+            inputs.decode_tables,
+            inputs.decode_lens,
+            inputs.prefills,
             self.scale,
             self.model.spec.sliding_window,
         )
-        lora = self._lora_batch(segments, len(ids))
+        lora = self._lora_batch(inputs.segments, len(inputs.ids))
+        dev = self.pool.device
         logits = self.model.forward(
-            torch.as_tensor(ids, dtype=torch.long).to(dev),
-            torch.as_tensor(positions, dtype=torch.long).to(dev),
+            torch.as_tensor(inputs.ids, dtype=torch.long).to(dev),
+            torch.as_tensor(inputs.positions, dtype=torch.long).to(dev),
             self.attention,
             meta,
             lora,
-            torch.as_tensor(logits_rows, dtype=torch.long).to(dev),
+            torch.as_tensor(inputs.logits_rows, dtype=torch.long).to(dev),
         )
-        if not sampling:
+        if not inputs.sampling:
             return StepResult([])
-        tokens, logprobs = sample(logits, sampling)
-        return StepResult(list(zip(sampling, tokens, logprobs, strict=True)))
+        tokens, logprobs = sample(logits, inputs.sampling)
+        return StepResult(list(zip(inputs.sampling, tokens, logprobs, strict=True)))
 
-    def _lora_batch(self, segments, num_tokens: int) -> LoraBatch | None:
+    def _flatten(self, batch: list[ScheduledSeq]) -> StepInputs:
+        """One pass over the scheduled sequences, in batch order."""
+        bs = self.block_size
+        inputs = StepInputs()
+        for item in batch:
+            seq, n = item.seq, item.num_tokens
+            start = len(inputs.ids)
+            first = seq.num_computed
+            inputs.ids.extend(seq.all_ids[first : first + n])
+            pos = range(first, first + n)
+            inputs.positions.extend(pos)
+            inputs.slot_pages.extend(seq.block_table[p // bs] for p in pos)
+            inputs.slot_offsets.extend(p % bs for p in pos)
+            ctx = first + n
+            if n == 1:
+                inputs.decode_tables.append(seq.block_table[: -(-ctx // bs)])
+                inputs.decode_lens.append(ctx)
+            else:
+                inputs.prefills.append((start, n, ctx, seq.block_table[: -(-ctx // bs)]))
+            inputs.segments.append((start, n, item.adapter))
+            if ctx == seq.num_tokens:
+                inputs.logits_rows.append(start + n - 1)
+                inputs.sampling.append(seq)
+        return inputs
+
+    def _lora_batch(self, segments: list[Segment], num_tokens: int) -> LoraBatch | None:
         """Decode steps with an unchanged batch reuse the previous step's plan."""
         if all(a is None for _, _, a in segments):
             return None

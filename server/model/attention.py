@@ -45,8 +45,8 @@ class AttentionMeta:
 def build_meta(
     pool: PagePool,
     num_heads: int,
-    slot_pages,
-    slot_offsets,
+    slot_pages: list[int],
+    slot_offsets: list[int],
     decode_tables: list[list[int]],
     decode_lens: list[int],
     prefills: list[tuple[int, int, int, list[int]]],
@@ -55,16 +55,7 @@ def build_meta(
 ) -> AttentionMeta:
     """Assemble the metadata on the host and move it to the device once."""
     device = pool.device
-    lay = pool.layout
-    bs, nkv, hd = lay.block_size, lay.num_kv_heads, lay.head_dim
-    # Where each new token's K and V go, as flat indices computed once per step, so
-    # that every layer writes them with two indexed copies (through its offset views).
-    p = pool.page_elems
-    pages = torch.as_tensor(slot_pages, dtype=torch.long).view(-1, 1, 1)
-    slots = torch.as_tensor(slot_offsets, dtype=torch.long).view(-1, 1, 1)
-    heads = torch.arange(nkv).view(1, -1, 1)
-    k_write = pages * p + heads * (hd * bs) + torch.arange(hd).view(1, 1, -1) * bs + slots
-    v_write = pages[..., 0] * (p // hd) + (nkv + heads[..., 0]) * bs + slots[..., 0]
+    k_write, v_write = _write_indices(pool, slot_pages, slot_offsets)
     meta = AttentionMeta(
         k_write=k_write.reshape(-1).to(device),
         v_write=v_write.reshape(-1).to(device),
@@ -72,47 +63,93 @@ def build_meta(
         scale=scale,
     )
     if decode_lens:
-        rows, width = len(decode_tables), max(len(t) for t in decode_tables)
-        tables = torch.zeros(rows, width, dtype=torch.long)
-        for row, table in enumerate(decode_tables):
-            tables[row, : len(table)] = torch.as_tensor(table, dtype=torch.long)
-        kv_head = torch.arange(num_heads) // (num_heads // nkv)
-        d = torch.arange(hd)
-        k_rows = (
-            tables.view(rows, 1, width, 1) * (p // bs)
-            + kv_head.view(1, -1, 1, 1) * hd
-            + d.view(1, 1, 1, -1)
-        )
-        slot = torch.arange(width * bs)
-        v_rows = (
-            tables[:, slot // bs].view(rows, 1, -1) * (p // hd)
-            + (nkv + kv_head).view(1, -1, 1) * bs
-            + (slot % bs).view(1, 1, -1)
-        )
-        lens = torch.as_tensor(decode_lens, dtype=torch.long)
-        keep = slot.view(1, -1) < lens.view(-1, 1)
-        if sliding_window is not None:
-            keep &= slot.view(1, -1) >= (lens - sliding_window).view(-1, 1)
-        bias = torch.zeros(rows, 1, width * bs, dtype=pool.dtype)
-        bias.masked_fill_(~keep.view(rows, 1, -1), float("-inf"))
-        meta.k_rows = k_rows.reshape(-1).to(device)
-        meta.v_rows = v_rows.reshape(-1).to(device)
-        meta.k_offsets = (torch.arange(rows * num_heads * width) * hd).to(device)
-        meta.v_offsets = (torch.arange(rows * num_heads) * (width * bs)).to(device)
-        meta.decode_bias = bias.expand(rows, num_heads, width * bs).contiguous().to(device)
+        _add_decode_rows(meta, pool, num_heads, decode_tables, decode_lens, sliding_window)
     for start, q_len, ctx_len, table in prefills:
-        cached = ctx_len - q_len
-        mask = None
-        if cached or sliding_window is not None:
-            q_pos = torch.arange(cached, ctx_len).view(-1, 1)
-            k_pos = torch.arange(ctx_len).view(1, -1)
-            mask = k_pos <= q_pos
-            if sliding_window is not None:
-                mask &= k_pos > q_pos - sliding_window
-            mask = mask.to(device)
-        table_t = torch.as_tensor(table, dtype=torch.long).to(device)
-        meta.prefills.append(PrefillChunk(start, q_len, ctx_len, table_t, mask))
+        meta.prefills.append(_prefill_chunk(start, q_len, ctx_len, table, sliding_window, device))
     return meta
+
+
+def _write_indices(
+    pool: PagePool, slot_pages: list[int], slot_offsets: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each new token's K and V go, as flat indices computed once per step, so
+    that every layer writes them with two indexed copies (through its offset views)."""
+    lay = pool.layout
+    bs, nkv, hd = lay.block_size, lay.num_kv_heads, lay.head_dim
+    p = pool.page_elems
+    pages = torch.as_tensor(slot_pages, dtype=torch.long).view(-1, 1, 1)
+    slots = torch.as_tensor(slot_offsets, dtype=torch.long).view(-1, 1, 1)
+    heads = torch.arange(nkv).view(1, -1, 1)
+    k_write = pages * p + heads * (hd * bs) + torch.arange(hd).view(1, 1, -1) * bs + slots
+    v_write = pages[..., 0] * (p // hd) + (nkv + heads[..., 0]) * bs + slots[..., 0]
+    return k_write, v_write
+
+
+def _add_decode_rows(
+    meta: AttentionMeta,
+    pool: PagePool,
+    num_heads: int,
+    decode_tables: list[list[int]],
+    decode_lens: list[int],
+    sliding_window: int | None,
+) -> None:
+    """The decode rows' embedding_bag indices into K^T and V rows, and the bias that
+    masks slots past each row's end (or before its sliding window)."""
+    device = pool.device
+    lay = pool.layout
+    bs, nkv, hd = lay.block_size, lay.num_kv_heads, lay.head_dim
+    p = pool.page_elems
+    rows, width = len(decode_tables), max(len(t) for t in decode_tables)
+    tables = torch.zeros(rows, width, dtype=torch.long)
+    for row, table in enumerate(decode_tables):
+        tables[row, : len(table)] = torch.as_tensor(table, dtype=torch.long)
+    kv_head = torch.arange(num_heads) // (num_heads // nkv)
+    d = torch.arange(hd)
+    k_rows = (
+        tables.view(rows, 1, width, 1) * (p // bs)
+        + kv_head.view(1, -1, 1, 1) * hd
+        + d.view(1, 1, 1, -1)
+    )
+    slot = torch.arange(width * bs)
+    v_rows = (
+        tables[:, slot // bs].view(rows, 1, -1) * (p // hd)
+        + (nkv + kv_head).view(1, -1, 1) * bs
+        + (slot % bs).view(1, 1, -1)
+    )
+    lens = torch.as_tensor(decode_lens, dtype=torch.long)
+    keep = slot.view(1, -1) < lens.view(-1, 1)
+    if sliding_window is not None:
+        keep &= slot.view(1, -1) >= (lens - sliding_window).view(-1, 1)
+    bias = torch.zeros(rows, 1, width * bs, dtype=pool.dtype)
+    bias.masked_fill_(~keep.view(rows, 1, -1), float("-inf"))
+    meta.k_rows = k_rows.reshape(-1).to(device)
+    meta.v_rows = v_rows.reshape(-1).to(device)
+    meta.k_offsets = (torch.arange(rows * num_heads * width) * hd).to(device)
+    meta.v_offsets = (torch.arange(rows * num_heads) * (width * bs)).to(device)
+    meta.decode_bias = bias.expand(rows, num_heads, width * bs).contiguous().to(device)
+
+
+def _prefill_chunk(
+    start: int,
+    q_len: int,
+    ctx_len: int,
+    table: list[int],
+    sliding_window: int | None,
+    device: torch.device,
+) -> PrefillChunk:
+    """One sequence's chunk: its block table on the device, and a mask only where
+    plain causal attention is not enough (cached tokens before it, or a window)."""
+    cached = ctx_len - q_len
+    mask = None
+    if cached or sliding_window is not None:
+        q_pos = torch.arange(cached, ctx_len).view(-1, 1)
+        k_pos = torch.arange(ctx_len).view(1, -1)
+        mask = k_pos <= q_pos
+        if sliding_window is not None:
+            mask &= k_pos > q_pos - sliding_window
+        mask = mask.to(device)
+    table_t = torch.as_tensor(table, dtype=torch.long).to(device)
+    return PrefillChunk(start, q_len, ctx_len, table_t, mask)
 
 
 class PagedAttention:

@@ -36,6 +36,10 @@ from lorapool.spec import ModelSpec
 # module and layer): 8 prefill chunks of 64 tokens cost 30 ms of LoRA instead of 83.
 DENSE_SEGMENT_TOKENS = 128
 
+# (first token, number of tokens, adapter or None): a run of the step's tokens
+Segment = tuple[int, int, PlacedAdapter | None]
+AdaptedSegment = tuple[int, int, PlacedAdapter]  # a segment with an adapter
+
 
 @dataclass
 class _Group:
@@ -53,7 +57,7 @@ class _SitePlan:
     expand_offsets: torch.Tensor | None
     v_index: torch.Tensor | None  # per expand index, position in the concatenated v
     out_rows: torch.Tensor | None  # per expand bag, row of the [T * width/h, h] view
-    dense: list[tuple[int, int, PlacedAdapter]]
+    dense: list[AdaptedSegment]
 
 
 class LoraBatch:
@@ -67,7 +71,7 @@ class LoraBatch:
         self,
         pool: PagePool,
         spec: ModelSpec,
-        segments,
+        segments: list[Segment],
         num_tokens: int,
         dense_min_tokens: int = DENSE_SEGMENT_TOKENS,
     ):
@@ -81,17 +85,34 @@ class LoraBatch:
             if site in present:
                 self.plans[site] = self._plan(site, segments, num_tokens)
 
-    def _plan(self, site: str, segments, num_tokens: int) -> _SitePlan:
-        spec, dev = self.spec, self.pool.device
-        h = site_width(spec, site, self.pool.page_elems)
-        width = sum(spec.module_shape(m)[1] for m in SITES[site])
-        fan_in = spec.module_shape(SITES[site][0])[0]
-        chunks = width // h
+    def _plan(self, site: str, segments: list[Segment], num_tokens: int) -> _SitePlan:
+        """One site's work: shrink groups and one expand for the gathered segments,
+        and the segments long enough for dense matmuls."""
+        h = site_width(self.spec, site, self.pool.page_elems)
+        sparse, dense = self._split(site, segments)
+        groups, order = self._shrink_groups(site, sparse, num_tokens)
+        if not order:
+            return _SitePlan(h, [], None, None, None, None, dense)
+        return self._expand_plan(site, h, groups, order, dense)
+
+    def _split(
+        self, site: str, segments: list[Segment]
+    ) -> tuple[list[AdaptedSegment], list[AdaptedSegment]]:
+        """The segments whose adapter targets `site`: (gathered, dense) by length."""
         sparse, dense = [], []
         for s, n, a in segments:
             if a is None or site not in a.sites:
                 continue
             (dense if n >= self.dense_min_tokens else sparse).append((s, n, a))
+        return sparse, dense
+
+    def _shrink_groups(
+        self, site: str, sparse: list[AdaptedSegment], num_tokens: int
+    ) -> tuple[list[_Group], list[AdaptedSegment]]:
+        """One shrink group per sub-row width g, and the segments in the order
+        their v values come out (the expand's order)."""
+        dev = self.pool.device
+        fan_in = self.spec.module_shape(SITES[site][0])[0]
         groups = []
         order = []  # (token start, n, adapter) in v order
         for g in sorted({a.g for _, _, a in sparse}):
@@ -115,8 +136,21 @@ class LoraBatch:
                     bag_token=None if identity else tokens.repeat_interleave(bags_t).to(dev),
                 )
             )
-        if not order:
-            return _SitePlan(h, [], None, None, None, None, dense)
+        return groups, order
+
+    def _expand_plan(
+        self,
+        site: str,
+        h: int,
+        groups: list[_Group],
+        order: list[AdaptedSegment],
+        dense: list[AdaptedSegment],
+    ) -> _SitePlan:
+        """The expand indices of every gathered token, in v order, with the rows of
+        the fused output each bag adds into."""
+        dev = self.pool.device
+        width = sum(self.spec.module_shape(m)[1] for m in SITES[site])
+        chunks = width // h
         expand = torch.cat(
             [_repeat(a.sites[site].expand, n, dim=1) for _, n, a in order],
             dim=1,
@@ -189,7 +223,7 @@ class LoraBatch:
         return gather_weights(self.pool, self.spec, adapter, layer, module, self._view)
 
 
-def _tokens(members) -> torch.Tensor:
+def _tokens(members: list[AdaptedSegment]) -> torch.Tensor:
     return torch.tensor([t for s, n, _ in members for t in range(s, s + n)], dtype=torch.long)
 
 
