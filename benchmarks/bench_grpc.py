@@ -31,13 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import os
-import resource
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,18 +46,14 @@ from common import (
     print_header,
     print_json_line,
     verdict,
-    warm_engine,
-    warm_requests,
 )
+from grpc_engine_run import engine_run
+from grpc_server_run import server_run, start_server, stop_server
+from grpc_workload import trace_kw
 
-from lorapool.client.bench import BenchConfig, read_stream, run_bench_async, timed_call
-from lorapool.client.report import BenchReport
-from lorapool.client.stats import CallResult
-from lorapool.client.trace import iter_trace, make_trace, prompt_ids, prompt_text
-from lorapool.types import GenerationRequest, SamplingParams
+from lorapool.client.trace import make_trace
 
 REPO = Path(__file__).resolve().parent.parent
-LORAPOOL = str(Path(sys.executable).with_name("lorapool"))
 TARGET_RATIO = 0.90
 
 
@@ -107,246 +98,6 @@ def demo(args):
             return make_demo(folder, n_adapters=params["n_adapters"], **BENCH_DEMO)
     root = args.cache_dir / f"bench-grpc-{args.adapters}"
     return make_demo(root, preset="bench", n_adapters=args.adapters, mix="bench")
-
-
-def bench_config(args, vocab: int) -> BenchConfig:
-    return BenchConfig(
-        call="generate",
-        total=args.requests,
-        concurrency=args.concurrency,
-        adapters=args.adapters,
-        zipf=args.zipf,
-        prompt_tokens=args.prompt,
-        max_new_tokens=args.output,
-        input_ids=not args.text,
-        vocab_size=vocab,
-        ignore_eos=True,
-        temperature=0.0,
-        seed=args.seed,
-        timeout=600.0,
-        details=False,
-        name="bench-grpc",
-    )
-
-
-def engine_config(args, paths):
-    from lorapool.server.engine.engine import EngineConfig
-
-    return EngineConfig(
-        model_dir=str(paths.model_dir),
-        adapter_dirs=[str(paths.adapters_dir)],
-        pool_mib=args.pool_mib,
-        host_cache_mib=args.host_cache_mib,
-        max_running=args.max_running,
-        max_batch_tokens=args.max_batch_tokens,
-        max_waiting=max(1024, args.requests + 16),
-    )
-
-
-def server_flags(cfg) -> list[str]:
-    """`lorapool serve` flags that rebuild this EngineConfig."""
-    return [
-        "--model", cfg.model_dir, "--adapters", cfg.adapter_dirs[0],
-        "--pool-mib", str(cfg.pool_mib), "--host-cache-mib", str(cfg.host_cache_mib),
-        "--max-running", str(cfg.max_running), "--max-batch-tokens", str(cfg.max_batch_tokens),
-        "--max-waiting", str(cfg.max_waiting), "--block-size", str(cfg.block_size),
-        "--dtype", cfg.dtype, "--device", cfg.device,
-    ]  # fmt: skip
-
-
-def self_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-def proc_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of another process (Linux /proc), None elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def summary(report: BenchReport, stats0, stats1, cpu_s: float | None) -> dict:
-    steps = stats1.steps - stats0.steps
-    tokens = stats1.generated_tokens - stats0.generated_tokens
-    return {
-        "requests": report.count,
-        "ok": report.status_codes.get("OK", 0),
-        "errors": report.errors,
-        "tokens": report.generated_tokens,
-        "span_s": report.total_s,
-        "tok_s": report.tokens_per_second,
-        "ttft_ms": {k: None if v is None else v * 1e3 for k, v in report.ttft.items()},
-        "itl_ms": {k: None if v is None else v * 1e3 for k, v in report.itl.items()},
-        "latency_ms_p50": dict(report.latency_distribution).get(50, 0.0) * 1e3,
-        "steps": steps,
-        "mean_batch": tokens / steps if steps else 0.0,
-        "preemptions": stats1.preemptions - stats0.preemptions,
-        "adapter_loads": stats1.adapter_loads - stats0.adapter_loads,
-        "cpu_s": cpu_s,
-        "tok_per_cpu_s": report.generated_tokens / cpu_s if cpu_s else None,
-    }
-
-
-# --------------------------------------------------------------------------- engine only
-
-
-def trace_adapters(args) -> list[str]:
-    """The adapters the trace asks for, in name order (the base model left out)."""
-    ids = sorted({item.adapter_id for item in make_trace(args.requests, **_trace_kw(args))})
-    return [adapter_id for adapter_id in ids if adapter_id]
-
-
-def engine_request(item, config: BenchConfig, vocab: int):
-    """The GenerationRequest run_bench would send for this trace item."""
-    if config.input_ids:
-        inputs = {"input_ids": prompt_ids(item, vocab)}
-    else:
-        inputs = {"prompt": prompt_text(item)}
-    return GenerationRequest(
-        request_id=f"trace-{item.index}",
-        adapter_id=item.adapter_id,
-        params=SamplingParams(
-            max_new_tokens=item.max_new_tokens,
-            ignore_eos=config.ignore_eos,
-            temperature=config.temperature,
-        ),
-        **inputs,
-    )
-
-
-async def engine_closed_loop(args, engine, config: BenchConfig, vocab: int) -> list[CallResult]:
-    """--concurrency workers taking the trace's items from one shared iterator,
-    each call measured as run_bench measures a Generate stream."""
-    results: list[CallResult] = []
-    items = iter_trace(**_trace_kw(args))
-    remaining = [args.requests]
-
-    async def one(item) -> None:
-        request = engine_request(item, config, vocab)
-        results.append(await timed_call(functools.partial(_engine_stream, engine, request)))
-
-    async def worker() -> None:
-        while remaining[0] > 0:
-            remaining[0] -= 1
-            await one(next(items))
-
-    await asyncio.gather(*(worker() for _ in range(config.concurrency)))
-    return results
-
-
-async def _engine_stream(engine, request, result: CallResult, start: float) -> None:
-    await read_stream(result, engine.generate(request), start)
-
-
-async def engine_run(args, paths, vocab: int) -> dict:
-    """The trace through an in-process Engine, measured as run_bench measures."""
-    from lorapool.server.engine.engine import Engine
-
-    config = bench_config(args, vocab)
-    loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(None, Engine, engine_config(args, paths))
-    await engine.start()
-    try:
-        for adapter_id in trace_adapters(args):
-            await engine.load_adapter(adapter_id)
-        await warm_engine(engine, vocab, "engine-")
-        stats0 = engine.stats()
-        cpu0 = self_cpu_s()
-        start = time.perf_counter()
-        results = await engine_closed_loop(args, engine, config, vocab)
-        elapsed = time.perf_counter() - start
-        cpu = self_cpu_s() - cpu0
-        stats1 = engine.stats()
-        report = BenchReport.build("in-process", config, results, elapsed)
-        return summary(report, stats0, stats1, cpu)
-    finally:
-        await engine.stop()
-
-
-def _trace_kw(args) -> dict:
-    return {
-        "n_adapters": args.adapters,
-        "zipf": args.zipf,
-        "prompt_tokens": args.prompt,
-        "max_new_tokens": args.output,
-        "seed": args.seed,
-    }
-
-
-# --------------------------------------------------------------------------- end to end
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, paths, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [
-        LORAPOOL, "serve", *server_flags(engine_config(args, paths)),
-        "--port", str(port), "--metrics-port", "0", "--grace", "5", "--log-level", "WARNING",
-    ]  # fmt: skip
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"127.0.0.1:{port}"
-
-
-async def wait_serving(client, proc, timeout: float = 300.0) -> None:
-    from lorapool.client import LoraPoolClientError
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"lorapool serve exited with {proc.returncode}")
-        try:
-            if await client.health(timeout=2) == "SERVING":
-                return
-        except LoraPoolClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"lorapool serve not SERVING after {timeout:.0f}s")
-
-
-async def server_run(args, target: str, proc, vocab: int) -> dict:
-    from lorapool.client import AsyncLoraPoolClient
-
-    async with AsyncLoraPoolClient(target, timeout=600, retries=0) as client:
-        await wait_serving(client, proc)
-        for adapter_id in trace_adapters(args):
-            await client.load_adapter(adapter_id)
-
-        async def warm(kwargs: dict) -> None:
-            async for _ in client.generate(**kwargs):
-                pass
-
-        await asyncio.gather(*(warm(w) for w in warm_requests(vocab)))
-        stats0 = await client.stats()
-        cpu0, server0 = self_cpu_s(), proc_cpu_s(proc.pid)
-        report = await run_bench_async(target, bench_config(args, vocab))
-        cpu, server1 = self_cpu_s() - cpu0, proc_cpu_s(proc.pid)
-        stats1 = await client.stats()
-    both = None if server0 is None or server1 is None else cpu + server1 - server0
-    return summary(report, stats0, stats1, both)
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return -9
-    return proc.returncode
-
-
-# --------------------------------------------------------------------------- report
 
 
 def print_row(name: str, r: dict) -> None:
@@ -460,7 +211,7 @@ def main(argv=None) -> int:
     paths = demo(args)
     spec = load_spec(paths.model_dir)
     vocab = spec.vocab_size
-    trace = make_trace(args.requests, **_trace_kw(args))
+    trace = make_trace(args.requests, **trace_kw(args))
     want_tokens = sum(item.max_new_tokens for item in trace)
     print_setup(args, paths, spec, trace, want_tokens, time.perf_counter() - t0)
     rounds = run_rounds(args, paths, vocab)
