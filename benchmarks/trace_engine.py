@@ -18,6 +18,7 @@ from lorapool.memory.adapters import AdapterManager
 from lorapool.server.engine import runner as runner_mod
 from lorapool.server.engine.config import EngineConfig
 from lorapool.server.engine.engine import Engine
+from lorapool.server.engine.loop import StepLoop
 from lorapool.server.engine.runner import ModelRunner
 from lorapool.server.engine.scheduler import Scheduler
 from lorapool.server.model.attention import PagedAttention
@@ -30,7 +31,7 @@ from lorapool.types import EngineStats, GenerationRequest, SamplingParams
 REGIONS = [
     (Scheduler, "schedule", "scheduler.schedule"),
     (Scheduler, "after_step", "scheduler.after_step"),
-    (Engine, "_postprocess", "engine._postprocess"),
+    (StepLoop, "_postprocess", "loop._postprocess"),
     (AdapterManager, "place", "adapter place (step thread)"),
     (ModelRunner, "step", "runner.step"),
     (runner_mod, "build_meta", "  attention metadata"),

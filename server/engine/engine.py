@@ -1,9 +1,8 @@
-"""The engine: an asyncio loop around the scheduler and the model runner.
-
-submit(request) returns an async iterator of TokenEvents. The loop schedules a
-step, runs it on one worker thread (torch releases the GIL, so streaming,
-admission and cancellation stay responsive) and turns sampled tokens into events.
-Adapter loads run on their own threads and never pause the steps."""
+"""The engine: what a request meets in process. generate(request) validates it at
+the door, starts its adapter's load and returns an async iterator of TokenEvents;
+the step loop (loop.py) schedules, runs and streams. Also the engine's lifecycle
+(start, drain, stop), adapter admin and stats. Adapter loads run on their own
+threads and never pause the steps."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from lorapool.errors import (
     AdapterNotFound,
     Draining,
     InvalidRequest,
-    LoraPoolError,
     NoTokenizer,
     QueueFull,
 )
@@ -29,10 +27,11 @@ from lorapool.memory.pool import PageLayout, PagePool
 from lorapool.memory.sources import SourceRegistry
 from lorapool.server.engine.config import EngineConfig
 from lorapool.server.engine.detok import IncrementalDetokenizer
+from lorapool.server.engine.loop import StepLoop
 from lorapool.server.engine.runner import ModelRunner
-from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig
 from lorapool.server.engine.sequence import Sequence, Status
-from lorapool.server.engine.stream import RequestStream, Throughput
+from lorapool.server.engine.stream import RequestStream
 from lorapool.server.engine.tokenizer import load_tokenizer
 from lorapool.server.engine.validation import (
     ADAPTER_ID,
@@ -52,7 +51,6 @@ from lorapool.types import (
 log = logging.getLogger("lorapool.engine")
 
 _NO_TOKENIZER = "this server runs a checkpoint without a tokenizer (start it with --tokenizer)"
-IDLE_WAKE_S = 1.0  # a safety net: every state change that matters sets _wake
 
 
 class Engine:
@@ -99,26 +97,20 @@ class Engine:
         self.eos_ids = set(self.spec.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
-        self._requests: dict[str, RequestStream] = {}
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="step")
+        self.loop = StepLoop(
+            self.scheduler, self.adapters, self.runner, self.eos_ids, self.max_model_len
+        )
+        self._requests = self.loop.streams
         # Tokenizing runs off the event loop, so a long text never stalls the streams.
         self._tokenize_executor = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._pin_queue: list = []
         self.draining = False
         self._cut_drain = False
-        self.generated_tokens = 0
-        self.steps = 0
-        self.prefix_hit_tokens = 0
-        self.step_seconds = 0.0
-        self.schedule_seconds = 0.0
-        self.throughput = Throughput()
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._loop(), name="engine-loop")
+        self.loop.wake = asyncio.Event()
+        self._task = asyncio.create_task(self.loop.run(), name="engine-loop")
         for adapter_id in self.config.pinned:
             await self.load_adapter(adapter_id, pin=True)
 
@@ -134,8 +126,8 @@ class Engine:
                 pass
             self._task = None
         for req in list(self._requests.values()):
-            self._finish(req, FinishReason.CANCELLED)
-        self._executor.shutdown(wait=True)
+            self.loop.finish(req, FinishReason.CANCELLED)
+        self.loop.shutdown()
         self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
         self.adapters.shutdown()
 
@@ -174,7 +166,7 @@ class Engine:
         if req is None or req.done:
             return False
         req.aborted = True
-        self._wake.set()
+        self.loop.wake.set()
         return True
 
     async def _admit(self, request: GenerationRequest) -> RequestStream:
@@ -198,14 +190,13 @@ class Engine:
             entry = self.adapters.entry(request.adapter_id)
             seq.adapter_entry = entry
             fut = self.adapters.ensure_host(entry)
-            if not fut.done():
-                fut.add_done_callback(lambda f, e=entry: self._on_loaded(e, f))
-            elif fut.exception() is not None:
+            if fut.done() and fut.exception() is not None:
                 raise fut.exception()
+            self.loop.watch_load(entry, fut)
         req = RequestStream(seq, IncrementalDetokenizer(self.tokenizer, request.params.stop))
         self._requests[request.request_id] = req
         self.scheduler.add(seq)
-        self._wake.set()
+        self.loop.wake.set()
         return req
 
     def _check_fits_beside_pins(self, request: GenerationRequest, ids: list[int]) -> None:
@@ -227,165 +218,6 @@ class Engine:
         if request.request_id in self._requests:
             raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
 
-    def _on_loaded(self, entry, fut: asyncio.Future) -> None:
-        exc = None if fut.cancelled() else fut.exception()
-        if exc is not None:
-            if not isinstance(exc, LoraPoolError):
-                exc = AdapterNotFound(f"adapter {entry.adapter_id!r}: {exc}")
-            for req in list(self._requests.values()):
-                if req.seq.adapter_entry is entry and req.seq.status is Status.WAITING:
-                    self.scheduler.remove(req.seq)
-                    self._fail(req, exc)
-        self._wake.set()
-
-    # -- the loop -------------------------------------------------------------------------
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                await self._iterate(loop)
-            except Exception as exc:  # a bug must not stop the loop (and every stream) for good
-                log.exception("engine loop iteration failed")
-                self._fail_all(LoraPoolError(f"internal error in the engine: {exc}"))
-
-    async def _iterate(self, loop) -> None:
-        """One turn of the loop: housekeeping, then schedule and run one step."""
-        self._reap_aborted()
-        await self._place_pinned(loop)
-        self._reload_evicted_host_copies()
-        if not self.scheduler.has_work():
-            self._wake.clear()
-            await self._wake.wait()
-            return
-        t0 = time.perf_counter()
-        plan = self.scheduler.schedule()
-        for seq, exc in plan.failed:
-            self._fail(self._requests[seq.request_id], exc)
-        self._stamp_admitted(plan)
-        if not plan.batch:
-            # Nothing can run until something changes (a request, a finished load,
-            # an unload or abort), and each of those sets _wake: sleep until then.
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), IDLE_WAKE_S)
-            except TimeoutError:
-                pass
-            return
-        t1 = time.perf_counter()
-        try:
-            result = await loop.run_in_executor(self._executor, self._execute, plan)
-        except Exception as exc:  # a failed step fails its own batch only
-            log.exception("step failed")
-            for entry, _pages in plan.placements:
-                self.adapters.unreserve(entry.content_hash)
-            for item in plan.batch:
-                req = self._requests.get(item.seq.request_id)
-                if req is not None:
-                    self._fail(req, LoraPoolError(f"internal error in forward step: {exc}"))
-            return
-        t2 = time.perf_counter()
-        self._postprocess(plan, result)
-        self.scheduler.after_step()
-        t3 = time.perf_counter()
-        self.steps += 1
-        self.step_seconds += t2 - t1
-        self.schedule_seconds += (t1 - t0) + (t3 - t2)
-        await asyncio.sleep(0)  # let streams and new requests in between steps
-
-    def _execute(self, plan: StepPlan):
-        for entry, pages in plan.placements:
-            self.adapters.place(entry, pages)
-        for item in plan.batch:
-            item.adapter = self.adapters.placed(item.adapter_key)
-        return self.runner.step(plan.batch)
-
-    def _stamp_admitted(self, plan: StepPlan) -> None:
-        """The queue time of a request ends when it is admitted, before its step."""
-        now = time.monotonic()
-        for item in plan.batch:
-            seq = item.seq
-            if seq.first_scheduled is None:
-                seq.first_scheduled = now
-                self.prefix_hit_tokens += seq.num_cached_prompt
-
-    def _postprocess(self, plan: StepPlan, result) -> None:
-        now = time.monotonic()
-        appended = self.scheduler.postprocess(plan.batch, result.sampled, accept=self._streaming)
-        for seq, token, logprob in appended:
-            req = self._requests[seq.request_id]
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-            event, reason = req.token(token, logprob, self.eos_ids, self.max_model_len)
-            if reason != FinishReason.NONE:
-                self._finish(req, reason, event)
-            else:
-                req.queue.put_nowait(event)
-        self.generated_tokens += len(appended)
-        self.throughput.record(now, len(appended))
-
-    def _streaming(self, seq: Sequence) -> bool:
-        """Whether a sampled token of seq still goes to its stream (not aborted or done)."""
-        req = self._requests.get(seq.request_id)
-        return req is not None and not req.aborted and not req.done
-
-    def _finish(
-        self, req: RequestStream, reason: FinishReason, event: TokenEvent | None = None
-    ) -> None:
-        if req.seq.status is not Status.FINISHED:
-            self.scheduler.finish(req.seq)
-        self._requests.pop(req.seq.request_id, None)
-        req.finish(reason, event)
-
-    def _fail_all(self, exc: Exception) -> None:
-        """Fail every request in flight and return all their pages: the scheduler's
-        state can no longer be trusted after an internal error."""
-        for req in list(self._requests.values()):
-            self._fail(req, exc)
-        self.scheduler.reset()
-
-    def _fail(self, req: RequestStream, exc: Exception) -> None:
-        if req.seq.status is not Status.FINISHED:
-            self.scheduler.remove(req.seq)
-            req.seq.status = Status.FINISHED
-        self._requests.pop(req.seq.request_id, None)
-        req.fail(exc)
-
-    def _reap_aborted(self) -> None:
-        for req in [r for r in self._requests.values() if r.aborted and not r.done]:
-            self._finish(req, FinishReason.CANCELLED)
-
-    def _reload_evicted_host_copies(self) -> None:
-        """A waiting request whose adapter lost its host copy triggers a new load."""
-        for seq in self.scheduler.waiting:
-            e = seq.adapter_entry
-            if e is not None and self.adapters.needs_load(e):
-                fut = self.adapters.ensure_host(e)
-                if not fut.done():
-                    fut.add_done_callback(lambda f, e=e: self._on_loaded(e, f))
-
-    async def _place_pinned(self, loop) -> None:
-        while self._pin_queue:
-            entry, fut = self._pin_queue.pop(0)
-            try:
-                if self.adapters.resident(entry) is None:
-                    pages = self.scheduler.reserve_adapter(entry)
-                    if pages is None:
-                        raise QueueFull(
-                            f"adapter {entry.adapter_id!r} needs "
-                            f"{self.adapters.pages_needed(entry)} pages; the pool has no "
-                            "idle memory to give it now"
-                        )
-                    try:
-                        await loop.run_in_executor(
-                            self._executor, self.adapters.place, entry, pages
-                        )
-                    except BaseException:
-                        self.adapters.unreserve(entry.content_hash)
-                        raise
-                fut.set_result(None)
-            except Exception as exc:
-                fut.set_exception(exc)
-
     # -- adapters -------------------------------------------------------------------------
     async def load_adapter(
         self, adapter_id: str, source: str | None = None, pin: bool = False
@@ -398,8 +230,8 @@ class Engine:
         if pin and not entry.pinned:
             entry.pinned = True
             fut = asyncio.get_running_loop().create_future()
-            self._pin_queue.append((entry, fut))
-            self._wake.set()
+            self.loop.pins.append((entry, fut))
+            self.loop.wake.set()
             try:
                 await fut
             except BaseException:
@@ -415,10 +247,10 @@ class Engine:
             if r.seq.adapter_id == adapter_id and r.seq.status is Status.WAITING
         ]
         self.adapters.unload(adapter_id)
-        self._wake.set()  # its pages may be free now
+        self.loop.wake.set()  # its pages may be free now
         for req in waiting:
             self.scheduler.remove(req.seq)
-            self._fail(req, AdapterNotFound(f"adapter {adapter_id!r} was unloaded"))
+            self.loop.fail(req, AdapterNotFound(f"adapter {adapter_id!r} was unloaded"))
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.list_infos()
@@ -448,6 +280,20 @@ class Engine:
         return self.blocks.clear_cache()
 
     # -- observability ----------------------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        return self.loop.steps
+
+    @property
+    def step_seconds(self) -> float:
+        """Time in forward steps (the step thread)."""
+        return self.loop.step_seconds
+
+    @property
+    def schedule_seconds(self) -> float:
+        """Time the loop spends scheduling and turning tokens into events."""
+        return self.loop.schedule_seconds
+
     def stats(self) -> EngineStats:
         live = [r.seq for r in self._requests.values()]
         kv = self.blocks.live_pages(live)
@@ -460,13 +306,13 @@ class Engine:
             page_bytes=self.pool.page_bytes,
             running_requests=len(self.scheduler.running),
             waiting_requests=len(self.scheduler.waiting),
-            tokens_per_second=self.throughput.rate(time.monotonic()),
-            generated_tokens=self.generated_tokens,
+            tokens_per_second=self.loop.throughput.rate(time.monotonic()),
+            generated_tokens=self.loop.generated_tokens,
             steps=self.steps,
             adapter_loads=self.adapters.loads,
             adapter_evictions=self.adapters.evictions,
             preemptions=self.scheduler.preemptions,
-            prefix_cache_hit_tokens=self.prefix_hit_tokens,
+            prefix_cache_hit_tokens=self.loop.prefix_hit_tokens,
             host_cache_bytes=self.adapters.host_bytes,
         )
 
