@@ -139,10 +139,6 @@ class BlockManager:
     def clear_cache(self) -> int:
         return self.evict_cached(len(self.idle))
 
-    def drop_adapter(self, adapter_key: str) -> None:
-        """Nothing to do: keys include the content hash, so stale blocks can never
-        match; they age out of the LRU like any idle block."""
-
     def live_pages(self, sequences) -> int:
         pages = set()
         for seq in sequences:

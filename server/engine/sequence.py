@@ -60,10 +60,6 @@ class Sequence:
     def num_pending(self) -> int:
         return self.num_tokens - self.num_computed
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is Status.FINISHED
-
     def __repr__(self) -> str:
         return (
             f"Sequence({self.request_id!r}, adapter={self.adapter_id!r}, {self.status.value}, "
