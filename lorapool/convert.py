@@ -255,30 +255,55 @@ def model_info_from_proto(msg: pb.GetModelInfoResponse) -> ModelInfo:
 
 
 def error_status(
-    code: grpc.StatusCode, message: str, reason: str, metadata: Mapping[str, str] | None = None
+    code: grpc.StatusCode,
+    message: str,
+    reason: str,
+    metadata: Mapping[str, str] | None = None,
+    field: str = "",
 ) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
     """(code, details, trailing_metadata) for `context.abort(*error_status(...))`,
-    with a google.rpc.ErrorInfo carrying `reason` in the rich details."""
+    with a google.rpc.ErrorInfo carrying `reason` and `metadata` in the rich
+    details, and a google.rpc.BadRequest naming `field` when one is at fault."""
     info = error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata or {})
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     status.details.add().Pack(info)
+    if field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     return code, message, ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
 def status_for_error(exc: LoraPoolError) -> tuple[grpc.StatusCode, str, tuple]:
     """The status a typed engine error maps to (see lorapool.errors)."""
-    return error_status(grpc.StatusCode[exc.status], str(exc) or exc.reason, exc.reason)
+    return error_status(
+        grpc.StatusCode[exc.status],
+        str(exc) or exc.reason,
+        exc.reason,
+        getattr(exc, "metadata", None),
+        getattr(exc, "field", ""),
+    )
 
 
 def error_info(trailing_metadata: Iterable[tuple[str, Any]] | None) -> error_details_pb2.ErrorInfo:
     """The ErrorInfo in a failed call's trailers; an empty one when there is none."""
+    return _detail(trailing_metadata, error_details_pb2.ErrorInfo)
+
+
+def bad_request(
+    trailing_metadata: Iterable[tuple[str, Any]] | None,
+) -> error_details_pb2.BadRequest:
+    """The BadRequest (field violations) in a failed call's trailers, or an empty one."""
+    return _detail(trailing_metadata, error_details_pb2.BadRequest)
+
+
+def _detail(trailing_metadata, kind):
     for key, value in trailing_metadata or ():
         if key != STATUS_DETAILS_KEY:
             continue
         status = status_pb2.Status.FromString(value)
         for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                return info
-    return error_details_pb2.ErrorInfo()
+            if detail.Is(kind.DESCRIPTOR):
+                found = kind()
+                detail.Unpack(found)
+                return found
+    return kind()

@@ -6,10 +6,19 @@ from __future__ import annotations
 
 class LoraPoolError(Exception):
     """Base class. `status` names a grpc.StatusCode member; `reason` is a stable
-    machine-readable string sent in the rich error details."""
+    machine-readable string sent in the rich error details (google.rpc.ErrorInfo),
+    with `metadata` (e.g. the adapter id or the limit) beside it. `field` names the
+    request field at fault (sent as a google.rpc.BadRequest field violation)."""
 
     status = "INTERNAL"
     reason = "INTERNAL"
+
+    def __init__(self, message: str = "", *, field: str = "", **metadata: object):
+        super().__init__(message)
+        self.field = field
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+        if field:
+            self.metadata.setdefault("field", field)
 
 
 class InvalidRequest(LoraPoolError):
@@ -46,6 +55,13 @@ class SourceUnavailable(LoraPoolError):
 class QueueFull(LoraPoolError):
     status = "RESOURCE_EXHAUSTED"
     reason = "QUEUE_FULL"
+
+
+class Loading(LoraPoolError):
+    """The server is up but its model is still loading."""
+
+    status = "UNAVAILABLE"
+    reason = "LOADING"
 
 
 class Draining(LoraPoolError):

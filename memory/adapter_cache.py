@@ -79,7 +79,8 @@ class AdapterCache:
         if uri is None:
             raise AdapterNotFound(
                 f"adapter {adapter_id!r} is unknown: no adapter directory holds it and it "
-                "was never loaded; call LoadAdapter with a source"
+                "was never loaded; call LoadAdapter with a source",
+                adapter_id=adapter_id,
             )
         e = self.entries[adapter_id] = AdapterEntry(adapter_id, uri)
         return e
@@ -98,7 +99,7 @@ class AdapterCache:
         """Drop the name (and what the registry remembers of it); returns its entry."""
         e = self.entries.pop(adapter_id, None)
         if e is None:
-            raise AdapterNotFound(f"adapter {adapter_id!r} is not loaded")
+            raise AdapterNotFound(f"adapter {adapter_id!r} is not loaded", adapter_id=adapter_id)
         self.registry.known.pop(adapter_id, None)
         return e
 
@@ -127,7 +128,8 @@ class AdapterCache:
         t0 = time.perf_counter()
         try:
             weights, packed = await loop.run_in_executor(self._executor, self.read, e.uri)
-        except LoraPoolError:
+        except LoraPoolError as exc:
+            exc.metadata.setdefault("adapter_id", e.adapter_id)
             raise
         except Exception as exc:  # a source plug-in failed in an unexpected way
             raise AdapterNotFound(f"adapter {e.adapter_id!r}: {exc}") from exc

@@ -20,13 +20,16 @@ import time
 from collections.abc import AsyncIterator
 
 from lorapool import convert
-from lorapool.errors import Draining, LoraPoolError, SourceNotAllowed
+from lorapool.errors import Loading, LoraPoolError, SourceNotAllowed
 from lorapool.types import GenerationRequest, TokenEvent
 from lorapool.v1 import lorapool_pb2 as pb
 
 from .metrics import Metrics
 
 log = logging.getLogger("lorapool.service")
+
+# admin RPC -> the `operation` label of lorapool_adapter_admin_calls_total
+_ADMIN_OPERATIONS = {"LoadAdapter": "load", "UnloadAdapter": "unload"}
 
 
 def printable(value: str, limit: int = 80) -> str:
@@ -76,6 +79,7 @@ class LoraPoolService:
             info = await engine.load_adapter(
                 request.adapter_id, request.source or None, request.pin
             )
+        self.metrics.admin_calls.labels("load", "OK").inc()
         log.info(
             "adapter_loaded adapter=%s state=%s load_ms=%.1f",
             printable(info.adapter_id),
@@ -88,6 +92,7 @@ class LoraPoolService:
         engine = self._ready("UnloadAdapter")
         with self._rejections("UnloadAdapter", request.adapter_id):
             await engine.unload_adapter(request.adapter_id)
+        self.metrics.admin_calls.labels("unload", "OK").inc()
         log.info("adapter_unloaded adapter=%s", printable(request.adapter_id))
         return pb.UnloadAdapterResponse()
 
@@ -105,7 +110,7 @@ class LoraPoolService:
     # -- helpers ----------------------------------------------------------------------------
     def _ready(self, method: str):
         if self.engine is None:
-            exc = Draining("the model is still loading; retry shortly")
+            exc = Loading("the model is still loading; retry shortly")
             self._rejected(exc, method)
             raise exc
         return self.engine
@@ -140,6 +145,8 @@ class LoraPoolService:
         """Log a refused call; count it unless the caller counts it itself."""
         if count:
             self.metrics.requests.labels(self._label(adapter_id), method, exc.status).inc()
+        if method in _ADMIN_OPERATIONS:
+            self.metrics.admin_calls.labels(_ADMIN_OPERATIONS[method], exc.status).inc()
         log.info(
             "rejected request_id=%s method=%s adapter=%s status=%s reason=%s msg=%s",
             printable(request_id),
@@ -162,6 +169,7 @@ class LoraPoolService:
                 if event.token_ids:
                     if last is None:
                         self.metrics.ttft.observe(now - start)
+                        self.metrics.adapter_ttft.labels(adapter).observe(now - start)
                     else:
                         self.metrics.itl.observe(now - last)
                     last = now
@@ -178,6 +186,11 @@ class LoraPoolService:
         finally:
             self.metrics.requests.labels(adapter, method, status).inc()
             self.metrics.tokens.labels(adapter).inc(tokens)
+            if status == "OK":
+                self.metrics.e2e.observe(time.monotonic() - start)
+            if usage is not None:
+                self.metrics.prompt_tokens.labels(adapter).inc(usage.prompt_tokens)
+                self.metrics.queue_time.observe(usage.queue_ms / 1000)
             log.info(
                 "request request_id=%s method=%s adapter=%s status=%s tokens=%d ttft_ms=%.1f "
                 "total_ms=%.1f",
@@ -270,5 +283,6 @@ class SourcePolicy:
             shown = source if len(source) <= 200 else source[:200] + "..."
             raise SourceNotAllowed(
                 f"source {shown!r} is not allowed by this server's {self.FLAG} rules "
-                f"(allowed: {self.describe()}); ask the operator to allow it"
+                f"(allowed: {self.describe()}); ask the operator to allow it",
+                field="source",
             )

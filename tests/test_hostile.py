@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from lorapool.convert import error_info
+from lorapool.convert import bad_request, error_info
 from lorapool.v1 import lorapool_pb2 as pb
 from lorapool.v1 import lorapool_pb2_grpc as pb_grpc
 
@@ -141,7 +141,10 @@ def test_non_finite_or_out_of_range_floats_are_refused(stub, expected, field, va
     assert isinstance(outcome, grpc.RpcError)
     assert outcome.code() == grpc.StatusCode.INVALID_ARGUMENT, outcome.details()
     assert field in outcome.details()
-    assert error_info(outcome.trailing_metadata()).reason == "INVALID_REQUEST"
+    info = error_info(outcome.trailing_metadata())
+    assert info.reason == "INVALID_REQUEST" and info.metadata["field"] == f"params.{field}"
+    (violation,) = bad_request(outcome.trailing_metadata()).field_violations
+    assert violation.field == f"params.{field}" and field in violation.description
 
 
 def test_a_huge_stop_list_is_refused(stub):
@@ -286,6 +289,7 @@ def test_failed_loads_of_new_names_leave_no_entry_and_no_label(server, stub, bad
     with pytest.raises(grpc.RpcError) as exc:
         stream_tokens(stub, greedy_request(adapter="broken-0"))
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(exc.value.trailing_metadata()).metadata["adapter_id"] == "broken-0"
     assert_idle(stub)
 
 

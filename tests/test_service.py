@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from lorapool import convert
-from lorapool.errors import AdapterNotFound, Draining, InvalidRequest, LoraPoolError
+from lorapool.errors import AdapterNotFound, InvalidRequest, Loading, LoraPoolError
 from lorapool.server.metrics import Metrics
 from lorapool.server.service import LoraPoolService
 from lorapool.types import FinishReason
@@ -78,9 +78,10 @@ async def test_every_call_is_unavailable_while_the_model_loads():
         service.load_adapter(pb.LoadAdapterRequest(adapter_id="a")),
     ]
     for call in calls:
-        with pytest.raises(Draining) as exc:
+        with pytest.raises(Loading) as exc:
             await call
         assert exc.value.status == "UNAVAILABLE" and "loading" in str(exc.value)
+        assert exc.value.reason == "LOADING"
     with pytest.raises(LoraPoolError):
         async for _ in service.generate(generate_request()):
             pass

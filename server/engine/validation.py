@@ -53,7 +53,8 @@ def check_adapter_id(adapter_id: str, required: bool = False) -> None:
         raise InvalidRequest(
             f"adapter_id {shown!r}{'...' if len(adapter_id) > 40 else ''} is not valid: use 1 "
             "to 256 characters, letters, digits and . _ : @ + / -, starting with a letter "
-            "or digit"
+            "or digit",
+            field="adapter_id",
         )
 
 
@@ -69,18 +70,22 @@ class RequestValidator:
         if len(request.input_ids or ()) > lim.max_model_len:
             raise InvalidRequest(
                 f"input_ids has {len(request.input_ids)} tokens; the context holds "
-                f"{lim.max_model_len}"
+                f"{lim.max_model_len}",
+                field="input_ids",
             )
         if request.input_ids:
             ids = list(request.input_ids)
             bad = [t for t in ids if not 0 <= t < lim.vocab_size]
             if bad:
                 raise InvalidRequest(
-                    f"input_ids {bad[:4]} are outside the vocabulary [0, {lim.vocab_size})"
+                    f"input_ids {bad[:4]} are outside the vocabulary [0, {lim.vocab_size})",
+                    field="input_ids",
                 )
             return ids
         if not request.prompt:
-            raise InvalidRequest("empty prompt: set a non-empty prompt or input_ids")
+            raise InvalidRequest(
+                "empty prompt: set a non-empty prompt or input_ids", field="prompt"
+            )
         self.check_text(request.prompt, "prompt")
         return None
 
@@ -89,7 +94,8 @@ class RequestValidator:
         if len(text) > self.limits.max_prompt_chars:
             raise InvalidRequest(
                 f"{what} of {len(text)} characters is longer than the context of "
-                f"{self.limits.max_model_len} tokens can hold; shorten it"
+                f"{self.limits.max_model_len} tokens can hold; shorten it",
+                field=what,
             )
 
     def check(self, request: GenerationRequest, ids: list[int]) -> None:
@@ -97,40 +103,51 @@ class RequestValidator:
         lim, p = self.limits, request.params
         if not 1 <= p.max_new_tokens <= lim.max_new_tokens:
             raise InvalidRequest(
-                f"max_new_tokens must be in [1, {lim.max_new_tokens}], got {p.max_new_tokens}"
+                f"max_new_tokens must be in [1, {lim.max_new_tokens}], got {p.max_new_tokens}",
+                field="params.max_new_tokens",
             )
         if not (math.isfinite(p.temperature) and p.temperature >= 0):
-            raise InvalidRequest(f"temperature must be a finite number >= 0, got {p.temperature}")
+            raise InvalidRequest(
+                f"temperature must be a finite number >= 0, got {p.temperature}",
+                field="params.temperature",
+            )
         if p.temperature < GREEDY_BELOW:
             p.temperature = 0.0  # a vanishing temperature is greedy (and would overflow)
         if not 0 < p.top_p <= 1:  # also refuses NaN
-            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p}", field="params.top_p")
         if p.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}")
+            raise InvalidRequest(f"top_k must be >= 0, got {p.top_k}", field="params.top_k")
         if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0):
             raise InvalidRequest(
-                f"repetition_penalty must be a finite number > 0, got {p.repetition_penalty}"
+                f"repetition_penalty must be a finite number > 0, got {p.repetition_penalty}",
+                field="params.repetition_penalty",
             )
         if not 0 <= p.logprobs <= lim.max_logprobs:
-            raise InvalidRequest(f"logprobs must be in [0, {lim.max_logprobs}]")
+            raise InvalidRequest(
+                f"logprobs must be in [0, {lim.max_logprobs}]", field="params.logprobs"
+            )
         if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise InvalidRequest(
                 f"stop_token_ids has {len(p.stop_token_ids)} entries; at most "
-                f"{MAX_STOP_TOKEN_IDS} are accepted"
+                f"{MAX_STOP_TOKEN_IDS} are accepted",
+                field="params.stop_token_ids",
             )
         if len(p.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in p.stop):
             raise InvalidRequest(
                 f"stop accepts at most {MAX_STOP_STRINGS} strings of at most "
-                f"{MAX_STOP_CHARS} characters each"
+                f"{MAX_STOP_CHARS} characters each",
+                field="params.stop",
             )
         total = len(ids) + p.max_new_tokens
         if total > lim.max_model_len:
             raise InvalidRequest(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
-                f"context of {lim.max_model_len} tokens; shorten the prompt or max_new_tokens"
+                f"context of {lim.max_model_len} tokens; shorten the prompt or max_new_tokens",
+                field="params.max_new_tokens",
             )
         if -(-total // lim.block_size) > lim.total_pages:
             raise InvalidRequest(
                 f"prompt + max_new_tokens ({total} tokens) can never fit the pool "
-                f"({lim.total_pages} pages of {lim.block_size} tokens)"
+                f"({lim.total_pages} pages of {lim.block_size} tokens)",
+                field="params.max_new_tokens",
             )
