@@ -287,7 +287,9 @@ def parse_duration(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_connection_arguments(parser)
     load = parser.add_argument_group("load")
-    load.add_argument("--call", choices=("generate", "complete"), default="generate")
+    load.add_argument(
+        "--call", choices=("generate", "complete"), default="generate", help="RPC to call"
+    )
     load.add_argument("-n", "--total", type=int, help="requests to send (default 200)")
     load.add_argument("-z", "--duration", type=parse_duration, help="run for this long (30s, 2m)")
     load.add_argument("-c", "--concurrency", type=int, help="closed loop workers (default 8)")
@@ -297,13 +299,27 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     work.add_argument("--adapter-prefix", default="adapter-", help="names PREFIX000, PREFIX001..")
     work.add_argument("--zipf", type=float, default=1.0, help="popularity skew (0 = uniform)")
     work.add_argument("--base-fraction", type=float, default=0.0, help="share of base requests")
-    work.add_argument("--prompt-tokens", type=parse_range, default=(32, 128), metavar="MIN:MAX")
-    work.add_argument("--max-new-tokens", type=parse_range, default=(32, 128), metavar="MIN:MAX")
+    work.add_argument(
+        "--prompt-tokens",
+        type=parse_range,
+        default="32:128",  # parsed by type, shown as given
+        metavar="MIN:MAX",
+        help="prompt length range, or N",
+    )
+    work.add_argument(
+        "--max-new-tokens",
+        type=parse_range,
+        default="32:128",
+        metavar="MIN:MAX",
+        help="output length range, or N",
+    )
     work.add_argument("--input-ids", action="store_true", help="send token ids, exact lengths")
     work.add_argument("--vocab-size", type=int, help="id range for --input-ids")
     work.add_argument("--allow-eos", action="store_true", help="stop at EOS (lengths vary)")
-    work.add_argument("--temperature", type=float, default=0.0)
-    work.add_argument("--seed", type=int, default=0)
+    work.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    work.add_argument(
+        "--seed", type=int, default=0, help="seeds the workload (adapters, lengths, arrivals)"
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH|-", help="ghz JSON report to a file or stdout")
     out.add_argument("--no-details", action="store_true", help="leave per-call details out")

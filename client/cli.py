@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
 import sys
+from pathlib import Path
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 COMMANDS = {
@@ -38,6 +40,44 @@ SERVER_EXTRA_MODULES = (
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where the default is None
+    (the help says what leaving it out means); an empty string shows as ''."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.default is None or "%(default)" in help_text:
+            return help_text
+        if action.default == "":
+            return help_text + " (default: '')"
+        return super()._get_help_string(action)
+
+
+def version() -> str:
+    """The installed distribution's version; in a source tree without one, the
+    version in pyproject.toml."""
+    try:
+        return importlib.metadata.version("lorapool")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["version"]
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+def command_parser(name: str, module) -> argparse.ArgumentParser:
+    """The parser of subcommand `name`, its flags added by `module`."""
+    parser = argparse.ArgumentParser(
+        prog=f"lorapool {name}", description=COMMANDS[name][1], formatter_class=HelpFormatter
+    )
+    module.add_arguments(parser, name)
+    return parser
+
+
 def _import_command(name: str, module_path: str):
     """The subcommand's module; None, after one line naming what to install, when
     a third-party module it needs is missing (a missing lorapool module re-raises)."""
@@ -64,6 +104,7 @@ def _import_command(name: str, module_path: str):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="lorapool", description=__doc__.splitlines()[0])
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -74,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     module = _import_command(name, COMMANDS[name][0])
     if module is None:
         return 2
-    cmd_parser = argparse.ArgumentParser(prog=f"lorapool {name}", description=COMMANDS[name][1])
-    module.add_arguments(cmd_parser, name)
-    args = cmd_parser.parse_args(argv[1:])
+    args = command_parser(name, module).parse_args(argv[1:])
     args.command = name
     return int(module.run(args) or 0)
 

@@ -38,12 +38,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser, timeout: float = 1
     )
     group.add_argument(
         "--api-key",
-        default=os.environ.get("LORAPOOL_API_KEY"),
-        help="sent as x-api-key and bearer token (env LORAPOOL_API_KEY)",
+        help="sent as x-api-key and bearer token (default: env LORAPOOL_API_KEY)",
     )
-    group.add_argument(
-        "--timeout", type=float, default=timeout, help="deadline per call in seconds"
-    )
+    group.add_argument("--timeout", type=float, default=timeout, help="deadline per call (s)")
     group.add_argument("--tls", action="store_true", help="use TLS with the system roots")
     group.add_argument("--tls-ca", metavar="PEM", help="use TLS trusting this CA bundle")
 
@@ -55,7 +52,7 @@ def connection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         with open(args.tls_ca, "rb") as f:
             root = f.read()
     return {
-        "api_key": args.api_key,
+        "api_key": args.api_key or os.environ.get("LORAPOOL_API_KEY"),
         "tls": args.tls,
         "root_certificates": root,
         "timeout": args.timeout,
@@ -64,17 +61,17 @@ def connection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampling (unset flags take the server's defaults)")
-    group.add_argument("--max-new-tokens", type=int)
-    group.add_argument("--temperature", type=float, help="0 = greedy (the default)")
-    group.add_argument("--top-p", type=float)
-    group.add_argument("--top-k", type=int)
+    group.add_argument("--max-new-tokens", type=int, help="tokens to generate at most")
+    group.add_argument("--temperature", type=float, help="0 = greedy (the server's default)")
+    group.add_argument("--top-p", type=float, help="nucleus sampling mass (1.0 = no cut)")
+    group.add_argument("--top-k", type=int, help="sample from the k likeliest (0 = no cut)")
     group.add_argument("--seed", type=int, help="reproducible sampling; 0 is a seed")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     group.add_argument(
-        "--stop-token-id", action="append", type=int, default=[], help="(repeatable)"
+        "--stop-token-id", action="append", type=int, default=[], help="stop token (repeatable)"
     )
     group.add_argument("--ignore-eos", action="store_true", help="generate exactly max tokens")
-    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--repetition-penalty", type=float, help="1.0 = no penalty")
     group.add_argument("--logprobs", type=int, help="top alternatives per token (0 = none)")
 
 
@@ -107,28 +104,38 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     if name in ("generate", "complete"):
         parser.add_argument("prompt", nargs="?", help="prompt text; '-' or omitted reads stdin")
         parser.add_argument("--input-ids", type=parse_ids, help="token ids instead of a prompt")
-        parser.add_argument("--adapter", default="", help="adapter id (default: base model)")
-        parser.add_argument("--priority", type=int, default=0)
-        parser.add_argument("--request-id", default="")
+        parser.add_argument("--adapter", default="", help="adapter id; '' = the base model")
+        parser.add_argument(
+            "--priority", type=int, default=0, help="higher runs first, is preempted last"
+        )
+        parser.add_argument(
+            "--request-id", default="", help="id in the server's logs; '' = the client picks one"
+        )
         add_sampling_arguments(parser)
         what = "one JSON object per streamed message" if name == "generate" else "JSON"
         parser.add_argument("--json", action="store_true", help=f"print {what}")
     elif name == "adapters":
-        actions = parser.add_subparsers(dest="action", required=True)
-        actions.add_parser("list", help="every adapter the server knows")
-        load = actions.add_parser("load", help="fetch an adapter and make it servable")
-        load.add_argument("adapter_id")
+        actions = parser.add_subparsers(dest="action", required=True, help="what to do")
+        sub = {"formatter_class": parser.formatter_class}
+        actions.add_parser("list", help="every adapter the server knows", **sub)
+        load = actions.add_parser("load", help="fetch an adapter and make it servable", **sub)
+        load.add_argument("adapter_id", help="id to serve it under")
         load.add_argument(
-            "source", nargs="?", default="", help="path, file://, hf://org/repo[@rev], ..."
+            "source",
+            nargs="?",
+            default="",
+            help="path, file://, hf://org/repo[@rev], ...; '' = the sources the server has",
         )
         load.add_argument("--pin", action="store_true", help="keep it on the device")
-        unload = actions.add_parser("unload", help="forget an adapter and free its memory")
-        unload.add_argument("adapter_id")
-        parser.add_argument("--json", action="store_true")
+        unload = actions.add_parser("unload", help="forget an adapter and free its memory", **sub)
+        unload.add_argument("adapter_id", help="id of the adapter")
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
         for action in actions.choices.values():  # --json also after the action
-            action.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+            action.add_argument(
+                "--json", action="store_true", default=argparse.SUPPRESS, help="as above"
+            )
     elif name == "stats":
-        parser.add_argument("--json", action="store_true")
+        parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     else:
         raise ValueError(f"no client command {name!r}")
 

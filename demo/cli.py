@@ -18,11 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str = "make-demo") -> N
         default=None,
         help="output directory (default: $LORAPOOL_DEMO_DIR or <repo>/.cache/demo)",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--arch", choices=ARCHS, default="llama")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size")
+    parser.add_argument("--arch", choices=ARCHS, default="llama", help="model family")
     parser.add_argument("--adapters", type=int, default=8, metavar="N", help="number of adapters")
     parser.add_argument("--mix", choices=MIXES, default="demo", help="adapter rank/target mix")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     parser.add_argument(
         "--shard-mib",
         type=float,

@@ -58,29 +58,49 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
         help="directory whose subfolders are PEFT adapters, id = folder name (repeatable)",
     )
     parser.add_argument(
-        "--model-name", default="", help="name reported by GetModelInfo (default: the dir name)"
+        "--model-name", default="", help="name GetModelInfo reports; '' = the checkpoint dir's name"
     )
 
 
 def _address_flags(parser: argparse.ArgumentParser) -> None:
     """Where the gRPC port listens."""
-    parser.add_argument("--host", default=_env("LORAPOOL_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(_env("LORAPOOL_PORT", "50051")))
+    parser.add_argument(
+        "--host", default=_env("LORAPOOL_HOST", "127.0.0.1"), help="address (env LORAPOOL_HOST)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(_env("LORAPOOL_PORT", "50051")),
+        help="gRPC port; 0 picks a free one (env LORAPOOL_PORT)",
+    )
 
 
 def _engine_flags(parser: argparse.ArgumentParser) -> None:
     """Memory, device and the scheduler's limits (EngineConfig fields)."""
-    parser.add_argument("--pool-mib", type=float, default=256.0, help="pool size (KV + adapters)")
+    parser.add_argument(
+        "--pool-mib", type=float, default=256.0, help="pool size in MiB (KV + adapters)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weights, activations and pool",
+    )
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (page)")
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="token budget per step")
-    parser.add_argument("--max-running", type=int, default=128)
+    parser.add_argument("--max-running", type=int, default=128, help="running sequences at most")
     parser.add_argument("--max-waiting", type=int, default=1024, help="admission queue bound")
     parser.add_argument("--max-new-tokens", type=int, default=4096, help="limit per request")
-    parser.add_argument("--host-cache-mib", type=float, default=1024.0)
-    parser.add_argument("--pin", action="append", default=[], help="keep this adapter resident")
-    parser.add_argument("--no-prefix-cache", action="store_true")
+    parser.add_argument(
+        "--host-cache-mib", type=float, default=1024.0, help="adapter weights in host memory"
+    )
+    parser.add_argument(
+        "--pin", action="append", default=[], help="keep this adapter resident (repeatable)"
+    )
+    parser.add_argument(
+        "--no-prefix-cache", action="store_true", help="do not share KV of common prefixes"
+    )
     parser.add_argument(
         "--tokenizer",
         help="folder of the tokenizer to use (default: the checkpoint's own; a checkpoint "
@@ -119,8 +139,8 @@ def _security_flags(parser: argparse.ArgumentParser) -> None:
         "a scheme with a prefix (hf://org/); 'none' allows none (default: the --adapters "
         "folders and hf://)",
     )
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
 
 
 def _operation_flags(parser: argparse.ArgumentParser) -> None:
@@ -129,7 +149,7 @@ def _operation_flags(parser: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         default=int(_env("LORAPOOL_METRICS_PORT", "9464")),
-        help="Prometheus /metrics port, open without a key (0: off)",
+        help="Prometheus /metrics port, open without a key; 0 = off (env LORAPOOL_METRICS_PORT)",
     )
     parser.add_argument(
         "--metrics-host", help="address /metrics binds (default: --host), e.g. 127.0.0.1"
@@ -138,7 +158,11 @@ def _operation_flags(parser: argparse.ArgumentParser) -> None:
         "--no-reflection", action="store_true", help="do not offer gRPC server reflection"
     )
     parser.add_argument("--grace", type=float, default=30.0, help="drain period on SIGTERM (s)")
-    parser.add_argument("--log-level", default=_env("LORAPOOL_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        default=_env("LORAPOOL_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING, ... (env LORAPOOL_LOG_LEVEL)",
+    )
 
 
 # -- flags -> ServerConfig ---------------------------------------------------------------------
