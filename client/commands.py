@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
         for action in actions.choices.values():  # --json also after the action
             action.add_argument(
-                "--json", action="store_true", default=argparse.SUPPRESS, help="as above"
+                "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
             )
     elif name == "stats":
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
