@@ -11,7 +11,7 @@ PROTO   := protos/lorapool/v1/lorapool.proto
 $(VENV): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[server,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[server,ray,dev]'
 	touch $(VENV)
 
 run: $(VENV)

@@ -14,6 +14,7 @@ from pathlib import Path
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 COMMANDS = {
     "serve": ("lorapool.server.transport.cli", "start the gRPC server"),
+    "serve-ray": ("lorapool.server.ray.cli", "serve on Ray Serve: N engine replicas, one port"),
     "make-demo": ("lorapool.demo.cli", "write a random-init model and PEFT adapters"),
     "generate": ("lorapool.client.commands", "stream a generation to stdout"),
     "complete": ("lorapool.client.commands", "one-shot completion"),

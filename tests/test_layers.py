@@ -34,6 +34,14 @@ ALLOWED = {
         "lorapool.server.engine",
         "lorapool.demo",
     },
+    "lorapool.server.ray": SHARED
+    | API
+    | {
+        "lorapool.server.service",
+        "lorapool.server.metrics",
+        "lorapool.server.engine",
+        "lorapool.server.transport",
+    },
     "lorapool.client": SHARED | API,
     "lorapool.demo": SHARED,
 }

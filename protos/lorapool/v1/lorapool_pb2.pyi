@@ -178,7 +178,7 @@ class TokenizeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "state", "source", "content_hash", "rank", "alpha", "target_modules", "pages", "bytes", "pinned", "requests_served", "running_requests", "last_used", "load_ms")
+    __slots__ = ("adapter_id", "state", "source", "content_hash", "rank", "alpha", "target_modules", "pages", "bytes", "pinned", "requests_served", "running_requests", "last_used", "load_ms", "replicas")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,7 @@ class AdapterInfo(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_FIELD_NUMBER: _ClassVar[int]
     LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     state: AdapterState
     source: str
@@ -207,7 +208,8 @@ class AdapterInfo(_message.Message):
     running_requests: int
     last_used: float
     load_ms: float
-    def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., source: _Optional[str] = ..., content_hash: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., pages: _Optional[int] = ..., bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., requests_served: _Optional[int] = ..., running_requests: _Optional[int] = ..., last_used: _Optional[float] = ..., load_ms: _Optional[float] = ...) -> None: ...
+    replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_id: _Optional[str] = ..., state: _Optional[_Union[AdapterState, str]] = ..., source: _Optional[str] = ..., content_hash: _Optional[str] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., pages: _Optional[int] = ..., bytes: _Optional[int] = ..., pinned: _Optional[bool] = ..., requests_served: _Optional[int] = ..., running_requests: _Optional[int] = ..., last_used: _Optional[float] = ..., load_ms: _Optional[float] = ..., replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "source", "pin")

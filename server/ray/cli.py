@@ -1,0 +1,100 @@
+"""`lorapool serve-ray`: LoraPoolService on Ray Serve, N engine replicas behind one
+gRPC port, routed by adapter affinity. Starts a local Ray instance (or joins
+--address), serves until SIGTERM/SIGINT, then shuts Serve and Ray down."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import signal
+import sys
+import threading
+
+from lorapool.server.transport.cli import (
+    _engine_config,
+    _engine_flags,
+    _model_and_adapters,
+    _model_flags,
+    _source_rules,
+    _tokenizer_settings,
+)
+from lorapool.server.transport.startup import StartupError, probe_port
+
+log = logging.getLogger("lorapool.ray")
+
+
+def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    _model_flags(parser)
+    parser.add_argument("--replicas", type=int, default=2, help="engine replicas")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (all interfaces)")
+    parser.add_argument(
+        "--http-port", type=int, default=8000, help="Serve's HTTP proxy port (127.0.0.1)"
+    )
+    parser.add_argument(
+        "--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per engine replica"
+    )
+    parser.add_argument(
+        "--address", help="join this Ray cluster (default: start a local Ray instance)"
+    )
+    _engine_flags(parser)
+    parser.add_argument(
+        "--adapter-source-allow",
+        action="append",
+        metavar="RULE",
+        help="LoadAdapter sources allowed (as for `lorapool serve`)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if importlib.util.find_spec("ray") is None:
+        print(
+            "lorapool serve-ray: Python module 'ray' is not installed; install it with: "
+            "pip install 'lorapool[ray]'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        if args.replicas < 1:
+            raise StartupError("--replicas must be at least 1")
+        allow = _source_rules(args.adapter_source_allow)
+        tokenizer = _tokenizer_settings(args.tokenizer)
+        model, adapters = _model_and_adapters(args.model, list(args.adapters))
+        engine = _engine_config(args, model, adapters, tokenizer)
+        probe_port("gRPC", "0.0.0.0", args.port)
+    except StartupError as exc:
+        print(f"lorapool serve-ray: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+    from lorapool.server.ray.cluster import deploy, shutdown
+
+    stop = threading.Event()
+    try:
+        deploy(
+            engine,
+            replicas=args.replicas,
+            port=args.port,
+            replica_cpus=args.replica_cpus,
+            http_port=args.http_port,
+            address=args.address,
+            source_allow=allow,
+        )
+        # after ray.init, whose own SIGTERM handler would end the process at once
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        print(
+            f"lorapool serve-ray: {args.replicas} replicas on port {args.port}",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+        log.info("signal received: shutting down")
+    finally:
+        shutdown()
+    print("lorapool serve-ray: stopped", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,78 @@
+"""Start and stop the Serve application: a local Ray instance (or a cluster joined
+by address), Serve's gRPC proxy on one port, the ingress and N engine replicas."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from lorapool.server.ray.deployments import APP_NAME, SERVICER_FUNCTIONS, build_app
+
+if TYPE_CHECKING:
+    from lorapool.server.engine.config import EngineConfig
+
+log = logging.getLogger("lorapool.ray")
+
+ROUTE_PREFIX = f"/{APP_NAME}"  # with one application, gRPC calls need no `application` key
+INGRESS_CPUS = 0.1
+
+
+def local_cpus(replicas: int, replica_cpus: float) -> int:
+    """Logical CPUs for a local Ray instance: the machine's, or more when the
+    replicas ask for more (Ray counts CPUs as scheduling slots, not cores)."""
+    needed = replicas * replica_cpus + INGRESS_CPUS
+    return max(os.cpu_count() or 1, int(needed + 0.999))
+
+
+def deploy(
+    engine_config: EngineConfig,
+    *,
+    replicas: int,
+    port: int,
+    replica_cpus: float = 1.0,
+    http_port: int = 8000,
+    address: str | None = None,
+    source_allow: list[str] | None = None,
+    num_cpus: int | None = None,
+) -> None:
+    """Start (or join) Ray, start Serve with the gRPC proxy on `port` and run the
+    application; returns once every replica is ready."""
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(
+                num_cpus=num_cpus or local_cpus(replicas, replica_cpus),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+    serve.start(
+        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+        grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
+    )
+    app = build_app(
+        engine_config,
+        replicas,
+        replica_cpus=replica_cpus,
+        ingress_cpus=INGRESS_CPUS,
+        source_allow=source_allow,
+    )
+    serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX)
+    log.info("serving %d engine replicas on gRPC port %d", replicas, port)
+
+
+def shutdown() -> None:
+    """Stop the application, Serve and (when this process started it) Ray."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,417 @@
+"""The two Serve deployments behind `lorapool serve-ray`.
+
+LoraPoolEngine: each replica builds its own Engine and LoraPoolService (the same
+core as `lorapool serve`). A `@serve.multiplexed` loader, keyed by adapter id,
+loads the adapter into the replica's engine, so Serve's router learns which
+replica holds which adapter and sends the next request for it there. A
+LoraPoolError never leaves a replica as an exception: it comes back as an
+ErrorReply (status code, details and the trailing metadata with the
+google.rpc.ErrorInfo), because Serve keeps only the code and details of a raised
+error and drops its trailers.
+
+LoraPoolIngress: the servicer of lorapool.v1.LoraPoolService behind Serve's gRPC
+proxy. Generate/Complete with an adapter go to the engine with
+`multiplexed_model_id=adapter_id` (affinity); without one, a plain handle call
+(the least loaded of two random replicas). LoadAdapter/UnloadAdapter reach every
+replica; ListAdapters and GetStats merge every replica's answer. An ErrorReply is
+written onto the call's grpc_context, which Serve's proxy copies onto the real
+call with the reply it travels with.
+
+Calls that must reach one given replica (the admin broadcast) carry a `replica`
+keyword; ReplicaRouter, the engine deployment's request router, sends such a call
+to that replica and every other call the default way."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import ray
+from ray import serve
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.config import RequestRouterConfig
+
+from lorapool import convert
+from lorapool.errors import Draining, LoraPoolError
+from lorapool.server.metrics import Metrics
+from lorapool.server.service import LoraPoolService, SourcePolicy
+from lorapool.v1 import lorapool_pb2 as pb
+
+if TYPE_CHECKING:
+    from lorapool.server.engine.config import EngineConfig
+
+log = logging.getLogger("lorapool.ray")
+
+APP_NAME = "lorapool"
+ENGINE_NAME = "LoraPoolEngine"
+INGRESS_NAME = "LoraPoolIngress"
+SERVICER_FUNCTIONS = [
+    "lorapool.v1.lorapool_pb2_grpc.add_LoraPoolServiceServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+TARGET = "replica"  # keyword that pins an engine call to one replica (ReplicaRouter)
+REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve's actor names: SERVE_REPLICA::app#deployment#id
+BROADCAST_TIMEOUT_S = 120.0
+STICKY_LIMIT = 10_000  # adapter ids ReplicaRouter remembers (oldest forgotten first)
+
+
+# -- errors across the actor boundary --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """A LoraPoolError as plain data: what `convert.status_for_error` gives."""
+
+    code: str  # grpc.StatusCode name
+    details: str
+    metadata: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, exc: LoraPoolError) -> ErrorReply:
+        code, details, metadata = convert.status_for_error(exc)
+        return cls(code.name, details, tuple(metadata))
+
+    def set_on(self, grpc_context) -> None:
+        """Write the status onto Serve's gRPC context (kept beside its own
+        request_id trailer)."""
+        grpc_context.set_code(grpc.StatusCode[self.code])
+        grpc_context.set_details(self.details)
+        kept = [(k, v) for k, v in grpc_context.trailing_metadata() if k != "request_id"]
+        grpc_context.set_trailing_metadata(kept + list(self.metadata))
+
+
+# -- the engine deployment -------------------------------------------------------------------
+
+
+class AdapterHandle:
+    """What the multiplexed loader returns: the adapter is in the engine."""
+
+    def __init__(self, adapter_id: str):
+        self.adapter_id = adapter_id
+
+
+class ReplicaRouter(PowerOfTwoChoicesRequestRouter):
+    """A call with a `replica` keyword goes to that replica; the rest are routed as
+    by Serve's default router (multiplexed affinity, then power of two choices).
+
+    Serve learns which replica holds an adapter only when that replica reports it
+    (through the controller, some time after the load), so two quick requests for
+    a new adapter could land on two replicas. This router remembers where it sent
+    each adapter and prefers that replica until Serve's own table knows the
+    adapter; a busy preferred replica still falls back to the others."""
+
+    def initialize_state(self, **kwargs):
+        super().initialize_state(**kwargs)
+        self._sent_to: dict[str, str] = {}  # adapter id -> replica it was last routed to
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        if pending_request is None:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        target = pending_request.kwargs.get(TARGET)
+        if target:
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
+        adapter = pending_request.metadata.multiplexed_model_id
+        known = self._multiplexed_model_id_to_replica_ids.get(adapter) if adapter else True
+        if not known:
+            sent = getattr(self, "_sent_to", {}).get(adapter)
+            first = [r for r in candidate_replicas if r.replica_id.unique_id == sent]
+            if first:
+                rest = [r for r in candidate_replicas if r.replica_id.unique_id != sent]
+                return [first, rest] if rest else [first]
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+    def on_request_routed(self, pending_request, replica_id, result) -> None:
+        super().on_request_routed(pending_request, replica_id, result)
+        adapter = pending_request.metadata.multiplexed_model_id
+        if adapter:
+            if not hasattr(self, "_sent_to"):
+                self._sent_to = {}
+            self._sent_to.pop(adapter, None)
+            self._sent_to[adapter] = replica_id.unique_id
+            if len(self._sent_to) > STICKY_LIMIT:  # bounded: clients may send any id
+                del self._sent_to[next(iter(self._sent_to))]
+
+
+class LoraPoolEngine:
+    """One engine per replica; every method answers replies or ErrorReplies."""
+
+    def __init__(self, engine_config: EngineConfig, source_allow: list[str] | None = None):
+        from lorapool.server.engine.engine import Engine
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.engine = Engine(engine_config)
+        self.metrics = Metrics()
+        policy = SourcePolicy(source_allow) if source_allow is not None else None
+        self.service = LoraPoolService(None, self.metrics, policy)
+        self._start_lock = asyncio.Lock()
+
+    async def _ready(self) -> LoraPoolService:
+        """The service, the engine started on first use (Serve builds the replica
+        outside its event loop)."""
+        if self.service.engine is None:
+            async with self._start_lock:
+                if self.service.engine is None:
+                    await self.engine.start()
+                    self.metrics.attach(self.engine)
+                    self.service.engine = self.engine
+                    log.info("replica %s serving", self.replica_id)
+        return self.service
+
+    async def check_health(self) -> None:
+        await self._ready()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None and self.service.engine is not None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            loop.create_task(engine.stop())
+
+    @serve.multiplexed(max_num_models_per_replica=-1)
+    async def adapter(self, adapter_id: str) -> AdapterHandle:
+        """Load the adapter into this replica's engine (host memory; pages on use).
+        Raises the LoraPoolError of a failed load."""
+        service = await self._ready()
+        await service.load_adapter(pb.LoadAdapterRequest(adapter_id=adapter_id))
+        return AdapterHandle(adapter_id)
+
+    async def _with_adapter(self, adapter_id: str) -> LoraPoolService:
+        service = await self._ready()
+        if adapter_id:
+            await self.adapter(adapter_id)
+        return service
+
+    # -- inference ----------------------------------------------------------------------
+    async def generate(self, request: pb.GenerateRequest):
+        try:
+            service = await self._with_adapter(request.adapter_id)
+            async for reply in service.generate(request):
+                yield reply
+        except LoraPoolError as exc:
+            yield ErrorReply.of(exc)
+
+    async def complete(self, request: pb.CompleteRequest):
+        return await self._call(self._complete(request))
+
+    async def _complete(self, request: pb.CompleteRequest):
+        service = await self._with_adapter(request.adapter_id)
+        return await service.complete(request)
+
+    async def tokenize(self, request: pb.TokenizeRequest):
+        return await self._call(self._service_call("tokenize", request))
+
+    # -- admin and observability: `replica` pins the call to this replica ----------------
+    async def load_adapter(self, request: pb.LoadAdapterRequest, replica: str = ""):
+        return await self._call(self._service_call("load_adapter", request))
+
+    async def unload_adapter(self, request: pb.UnloadAdapterRequest, replica: str = ""):
+        return await self._call(self._service_call("unload_adapter", request))
+
+    async def list_adapters(self, replica: str = ""):
+        return await self._call(self._service_call("list_adapters", pb.ListAdaptersRequest()))
+
+    async def get_stats(self, replica: str = ""):
+        return await self._call(self._service_call("get_stats", pb.GetStatsRequest()))
+
+    async def get_model_info(self):
+        return await self._call(self._service_call("get_model_info", pb.GetModelInfoRequest()))
+
+    async def whoami(self, replica: str = "") -> str:
+        return self.replica_id
+
+    async def _service_call(self, method: str, request):
+        service = await self._ready()
+        return await getattr(service, method)(request)
+
+    async def _call(self, coro):
+        """(replica id, reply) or (replica id, ErrorReply)."""
+        try:
+            return self.replica_id, await coro
+        except LoraPoolError as exc:
+            return self.replica_id, ErrorReply.of(exc)
+
+
+# -- the ingress -----------------------------------------------------------------------------
+
+
+class LoraPoolIngress:
+    """lorapool.v1.LoraPoolService on Serve's gRPC proxy (methods named as the RPCs)."""
+
+    def __init__(self, engine):
+        self.engine = engine  # DeploymentHandle of LoraPoolEngine
+
+    def _route(self, adapter_id: str):
+        if adapter_id:
+            return self.engine.options(multiplexed_model_id=adapter_id)
+        return self.engine
+
+    # -- inference ----------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, grpc_context):
+        stream = self._route(request.adapter_id).options(stream=True).generate.remote(request)
+        async for reply in stream:
+            if isinstance(reply, ErrorReply):
+                # Serve carries a context only beside a message: the error travels
+                # with one empty GenerateResponse, then the stream ends with it.
+                reply.set_on(grpc_context)
+                yield pb.GenerateResponse()
+                return
+            yield reply
+
+    async def Complete(self, request: pb.CompleteRequest, grpc_context):
+        _, reply = await self._route(request.adapter_id).complete.remote(request)
+        return _unwrap(reply, grpc_context, pb.CompleteResponse)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context):
+        _, reply = await self.engine.tokenize.remote(request)
+        return _unwrap(reply, grpc_context, pb.TokenizeResponse)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context):
+        _, reply = await self.engine.get_model_info.remote()
+        return _unwrap(reply, grpc_context, pb.GetModelInfoResponse)
+
+    # -- grpc.health.v1 (the proxy dispatches by method name: Health/Check lands here) -----
+    async def Check(self, request, grpc_context):
+        """SERVING once an engine replica answers within 5 s."""
+        from grpc_health.v1 import health_pb2
+
+        try:
+            async with asyncio.timeout(5.0):
+                await self.engine.whoami.remote()
+            status = health_pb2.HealthCheckResponse.SERVING
+        except Exception:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    # -- fleet-wide ---------------------------------------------------------------------
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, grpc_context):
+        replies = await self._broadcast("load_adapter", request)
+        error = _first_error(replies)
+        if error is not None:
+            return _unwrap(error, grpc_context, pb.LoadAdapterResponse)
+        replica, reply = replies[0]
+        reply.adapter.replicas[:] = sorted(r for r, _ in replies)
+        return reply
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, grpc_context):
+        replies = await self._broadcast("unload_adapter", request)
+        error = _first_error(replies)
+        return _unwrap(error, grpc_context, pb.UnloadAdapterResponse) if error else replies[0][1]
+
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, grpc_context):
+        replies = await self._broadcast("list_adapters")
+        error = _first_error(replies)
+        if error is not None:
+            return _unwrap(error, grpc_context, pb.ListAdaptersResponse)
+        return merge_adapters(replies)
+
+    async def GetStats(self, request: pb.GetStatsRequest, grpc_context):
+        replies = await self._broadcast("get_stats")
+        error = _first_error(replies)
+        if error is not None:
+            return _unwrap(error, grpc_context, pb.GetStatsResponse)
+        return sum_stats([reply for _, reply in replies])
+
+    async def _broadcast(self, method: str, *args) -> list[tuple[str, Any]]:
+        """(replica id, reply or ErrorReply) from every engine replica."""
+        replicas = engine_replicas()
+        if not replicas:
+            return [("", ErrorReply.of(Draining("no engine replica is running yet")))]
+        calls = [getattr(self.engine, method).remote(*args, replica=r) for r in replicas]
+        try:
+            async with asyncio.timeout(BROADCAST_TIMEOUT_S):
+                return list(await asyncio.gather(*calls))
+        except TimeoutError:
+            exc = Draining(f"not every engine replica answered within {BROADCAST_TIMEOUT_S:.0f}s")
+            return [("", ErrorReply.of(exc))]
+
+
+def engine_replicas(app: str = APP_NAME) -> list[str]:
+    """The unique ids of the engine deployment's live replicas (Serve names each
+    replica actor SERVE_REPLICA::app#deployment#id)."""
+    prefix = f"{REPLICA_PREFIX}{app}#{ENGINE_NAME}#"
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(a["name"][len(prefix) :] for a in names if a["name"].startswith(prefix))
+
+
+def _unwrap(reply, grpc_context, empty):
+    if isinstance(reply, ErrorReply):
+        reply.set_on(grpc_context)
+        return empty()
+    return reply
+
+
+def _first_error(replies) -> ErrorReply | None:
+    return next((r for _, r in replies if isinstance(r, ErrorReply)), None)
+
+
+def merge_adapters(replies: list[tuple[str, pb.ListAdaptersResponse]]) -> pb.ListAdaptersResponse:
+    """One entry per adapter id; `replicas` names those holding its weights (state
+    HOST or DEVICE); the other fields come from the first of them (or the first
+    replica that lists it), with the usage counters summed."""
+    merged: dict[str, pb.AdapterInfo] = {}
+    held = (pb.ADAPTER_STATE_HOST, pb.ADAPTER_STATE_DEVICE)
+    for replica, reply in sorted(replies, key=lambda item: item[0]):
+        for info in reply.adapters:
+            entry = merged.get(info.adapter_id)
+            if entry is None:
+                entry = merged[info.adapter_id] = pb.AdapterInfo()
+                entry.CopyFrom(info)
+                entry.requests_served = entry.running_requests = 0
+            elif info.state in held and entry.state not in held:
+                kept = (entry.requests_served, entry.running_requests, list(entry.replicas))
+                entry.CopyFrom(info)
+                entry.requests_served, entry.running_requests = kept[0], kept[1]
+                entry.replicas[:] = kept[2]
+            entry.requests_served += info.requests_served
+            entry.running_requests += info.running_requests
+            entry.last_used = max(entry.last_used, info.last_used)
+            if info.state in held:
+                entry.replicas.append(replica)
+    return pb.ListAdaptersResponse(adapters=[merged[k] for k in sorted(merged)])
+
+
+def sum_stats(replies: list[pb.GetStatsResponse]) -> pb.GetStatsResponse:
+    """The fleet's figures: every counter summed (page_bytes is the replicas' own)."""
+    total = pb.GetStatsResponse()
+    for reply in replies:
+        for field in pb.GetStatsResponse.DESCRIPTOR.fields:
+            if field.name == "page_bytes":
+                total.page_bytes = max(total.page_bytes, reply.page_bytes)
+            else:
+                setattr(total, field.name, getattr(total, field.name) + getattr(reply, field.name))
+    return total
+
+
+# -- the application -------------------------------------------------------------------------
+
+
+def build_app(
+    engine_config: EngineConfig,
+    replicas: int,
+    replica_cpus: float = 1.0,
+    ingress_cpus: float = 0.1,
+    source_allow: list[str] | None = None,
+):
+    """The Serve application: the ingress bound to `replicas` engine replicas."""
+    engine = serve.deployment(
+        LoraPoolEngine,
+        name=ENGINE_NAME,
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": replica_cpus},
+        max_ongoing_requests=max(engine_config.max_running, 1) + 64,
+        request_router_config=RequestRouterConfig(request_router_class=ReplicaRouter),
+        health_check_period_s=5,
+    )
+    ingress = serve.deployment(
+        LoraPoolIngress,
+        name=INGRESS_NAME,
+        num_replicas=1,
+        ray_actor_options={"num_cpus": ingress_cpus},
+        max_ongoing_requests=100_000,
+    )
+    return ingress.bind(engine.bind(engine_config, source_allow))
