@@ -25,17 +25,24 @@ lint: $(VENV)
 	.venv/bin/ruff format --check .
 
 # Regenerate the gRPC stubs (with .pyi) next to the proto, so that the generated
-# absolute imports (`lorapool.v1...`) are the package path.
+# absolute imports (`lorapool.v1...`) are the package path, and the descriptor set
+# with the proto's comments (source info) that server reflection answers from.
+PROTOSET := lorapool/v1/lorapool.binpb
 proto: $(VENV)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
 		--grpc_python_out=protos $(PROTO)
+	$(PY) -m grpc_tools.protoc -I protos --include_imports --include_source_info \
+		--descriptor_set_out=protos/$(PROTOSET) $(PROTO)
 
-# Fails when the committed stubs differ from what `make proto` produces.
+# Fails when the committed stubs or descriptor set differ from what `make proto`
+# produces.
 proto-check: $(VENV)
 	rm -rf .cache/proto && mkdir -p .cache/proto
 	$(PY) -m grpc_tools.protoc -I protos --python_out=.cache/proto --pyi_out=.cache/proto \
 		--grpc_python_out=.cache/proto $(PROTO)
-	for f in lorapool_pb2.py lorapool_pb2.pyi lorapool_pb2_grpc.py; do \
+	$(PY) -m grpc_tools.protoc -I protos --include_imports --include_source_info \
+		--descriptor_set_out=.cache/proto/$(PROTOSET) $(PROTO)
+	for f in lorapool_pb2.py lorapool_pb2.pyi lorapool_pb2_grpc.py lorapool.binpb; do \
 		cmp -s .cache/proto/lorapool/v1/$$f protos/lorapool/v1/$$f || \
 		{ echo "stale gRPC stub $$f: run 'make proto'"; exit 1; }; done
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from lorapool.errors import LoraPoolError
 from lorapool.server.metrics import Metrics
@@ -76,9 +78,7 @@ class LoraPoolServer:
         pb_grpc.add_LoraPoolServiceServicer_to_server(LoraPoolServicer(self.service), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if config.reflection:
-            reflection.enable_server_reflection(
-                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
-            )
+            enable_reflection(self.grpc)
         self._stopped = asyncio.Event()
         self._metrics_http = None  # (httpd, thread) of the /metrics endpoint
 
@@ -228,3 +228,81 @@ class LoraPoolServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+# -- server reflection ------------------------------------------------------------------
+# grpc.reflection.v1 and v1alpha, answered from a pool of the served files. The API's
+# file goes out with its comments (source info), from the descriptor set `make proto`
+# writes beside the stubs, so `grpcurl describe` shows the documentation.
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def documented_files() -> dict[str, bytes]:
+    """Serialized FileDescriptorProtos with source info, by file name; empty when the
+    descriptor set is not installed (reflection then serves the files bare)."""
+    try:
+        data = resources.files("lorapool.v1").joinpath("lorapool.binpb").read_bytes()
+    except OSError:
+        return {}
+    files = descriptor_pb2.FileDescriptorSet.FromString(data).file
+    return {f.name: f.SerializeToString() for f in files}
+
+
+def _v1_reflection_file() -> descriptor_pb2.FileDescriptorProto:
+    """grpc/reflection/v1/reflection.proto: the v1alpha file under the v1 package (the
+    two protocols differ only in the package name)."""
+    fd = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(fd)
+    fd.name, fd.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    fd.ClearField("options")
+
+    def v1(name: str) -> str:
+        return name.replace(".grpc.reflection.v1alpha.", ".grpc.reflection.v1.")
+
+    for message in fd.message_type:
+        for f in message.field:
+            if f.HasField("type_name"):
+                f.type_name = v1(f.type_name)
+    for method in fd.service[0].method:
+        method.input_type, method.output_type = v1(method.input_type), v1(method.output_type)
+    return fd
+
+
+class _ReflectionServicer(reflection.aio.ReflectionServicer):
+    """The stock servicer, with the files of `documented` sent with their comments
+    (a pool's descriptors drop source info)."""
+
+    def __init__(self, service_names, pool, documented: dict[str, bytes]):
+        super().__init__(service_names, pool=pool)
+        self._documented = documented
+
+    async def ServerReflectionInfo(self, request_iterator, context):
+        async for response in super().ServerReflectionInfo(request_iterator, context):
+            files = response.file_descriptor_response.file_descriptor_proto
+            for i, raw in enumerate(files):
+                name = descriptor_pb2.FileDescriptorProto.FromString(raw).name
+                files[i] = self._documented.get(name, raw)
+            yield response
+
+
+def enable_reflection(server: grpc.aio.Server) -> None:
+    """Serves grpc.reflection.v1alpha and grpc.reflection.v1 on `server`."""
+    pool = descriptor_pool.DescriptorPool()
+    for module in (pb, health_pb2, reflection_pb2):
+        fd = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(fd)
+        pool.Add(fd)
+    pool.Add(_v1_reflection_file())
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    servicer = _ReflectionServicer(names, pool, documented_files())
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    # the v1 messages are v1alpha's on the wire
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),)
+    )

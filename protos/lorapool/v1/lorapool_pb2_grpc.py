@@ -28,6 +28,11 @@ if _version_not_supported:
 class LoraPoolServiceStub:
     """Generation with many LoRA adapters of one base model, adapter administration
     and observability. Health (grpc.health.v1) and reflection are served beside it.
+
+    Every RPC may also fail with UNAVAILABLE (reason LOADING while the model loads,
+    DRAINING during shutdown), UNAUTHENTICATED (missing or wrong API key, when the
+    server has one) and INVALID_ARGUMENT (reason UNDECODABLE_REQUEST: bytes that are
+    not a valid protobuf).
     """
 
     def __init__(self, channel):
@@ -81,11 +86,24 @@ class LoraPoolServiceStub:
 class LoraPoolServiceServicer:
     """Generation with many LoRA adapters of one base model, adapter administration
     and observability. Health (grpc.health.v1) and reflection are served beside it.
+
+    Every RPC may also fail with UNAVAILABLE (reason LOADING while the model loads,
+    DRAINING during shutdown), UNAUTHENTICATED (missing or wrong API key, when the
+    server has one) and INVALID_ARGUMENT (reason UNDECODABLE_REQUEST: bytes that are
+    not a valid protobuf).
     """
 
     def Generate(self, request, context):
         """Streams the generated tokens as they are produced. The last message has
         finish_reason set and carries usage. Cancelling the call frees the request.
+
+        Errors: INVALID_ARGUMENT (INVALID_REQUEST, with a google.rpc.BadRequest naming
+        the field: empty or too long input, a sampling value out of range, an invalid
+        adapter_id, a request_id already in flight); NOT_FOUND (ADAPTER_NOT_FOUND);
+        FAILED_PRECONDITION (ADAPTER_INCOMPATIBLE, ADAPTER_TOO_LARGE, or NO_TOKENIZER
+        for a prompt or stop string on a checkpoint without a tokenizer);
+        RESOURCE_EXHAUSTED (QUEUE_FULL, POOL_PINNED); CANCELLED and
+        DEADLINE_EXCEEDED free every page of the request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +111,7 @@ class LoraPoolServiceServicer:
 
     def Complete(self, request, context):
         """The same generation in one reply, when the whole text is all a caller wants.
+        Errors: as Generate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +119,9 @@ class LoraPoolServiceServicer:
 
     def Tokenize(self, request, context):
         """The token ids Generate would see for a prompt.
+        Errors: FAILED_PRECONDITION (NO_TOKENIZER) on a checkpoint served without a
+        tokenizer; INVALID_ARGUMENT (INVALID_REQUEST) for a text too long for the
+        context.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,13 +129,26 @@ class LoraPoolServiceServicer:
 
     def LoadAdapter(self, request, context):
         """Registers an adapter and fetches its weights; returns once it can serve.
+        Needs the admin key when the server has keys.
+
+        Errors: INVALID_ARGUMENT (INVALID_REQUEST: an invalid adapter_id); NOT_FOUND
+        (ADAPTER_NOT_FOUND: no source knows it); FAILED_PRECONDITION
+        (ADAPTER_INCOMPATIBLE, ADAPTER_TOO_LARGE); PERMISSION_DENIED (no admin key, or
+        SOURCE_NOT_ALLOWED: a source outside the allow-list); UNAVAILABLE
+        (SOURCE_UNAVAILABLE: the hub or registry could not be reached);
+        RESOURCE_EXHAUSTED (POOL_PINNED) when pinning leaves no room. A failed load
+        leaves no trace: the name keeps serving what it served.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnloadAdapter(self, request, context):
-        """Forgets an adapter and frees its host and device memory.
+        """Forgets an adapter and frees its host and device memory. Needs the admin key
+        when the server has keys.
+
+        Errors: NOT_FOUND (ADAPTER_NOT_FOUND) for an id the server does not know;
+        PERMISSION_DENIED without the admin key.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +156,7 @@ class LoraPoolServiceServicer:
 
     def ListAdapters(self, request, context):
         """Every adapter the server knows, with its memory tier and usage.
+        Errors: only the ones every RPC may return.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +164,7 @@ class LoraPoolServiceServicer:
 
     def GetStats(self, request, context):
         """Pool pages by owner, scheduler queues and counters.
+        Errors: only the ones every RPC may return.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,6 +172,7 @@ class LoraPoolServiceServicer:
 
     def GetModelInfo(self, request, context):
         """The base model and the limits a request must respect.
+        Errors: only the ones every RPC may return.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -194,6 +232,11 @@ def add_LoraPoolServiceServicer_to_server(servicer, server):
 class LoraPoolService:
     """Generation with many LoRA adapters of one base model, adapter administration
     and observability. Health (grpc.health.v1) and reflection are served beside it.
+
+    Every RPC may also fail with UNAVAILABLE (reason LOADING while the model loads,
+    DRAINING during shutdown), UNAUTHENTICATED (missing or wrong API key, when the
+    server has one) and INVALID_ARGUMENT (reason UNDECODABLE_REQUEST: bytes that are
+    not a valid protobuf).
     """
 
     @staticmethod
