@@ -1,7 +1,12 @@
 """Python clients for lorapool: blocking and asyncio, typed, with errors that carry
 the gRPC status and the server's machine-readable reason."""
 
-from lorapool.client.client import AsyncLoraPoolClient, LoraPoolClient
+from lorapool.client.client import (
+    AsyncLoraPoolClient,
+    LoraPoolClient,
+    SamplingKwargs,
+    SamplingParams,
+)
 from lorapool.client.errors import LoraPoolClientError
 from lorapool.convert import Completion, ModelInfo, Tokenized
 
@@ -11,5 +16,7 @@ __all__ = [
     "LoraPoolClient",
     "LoraPoolClientError",
     "ModelInfo",
+    "SamplingKwargs",
+    "SamplingParams",
     "Tokenized",
 ]

@@ -65,6 +65,8 @@ class BenchConfig:
     api_key: str | None = None
     tls: bool = False
     root_certificates: bytes | None = None
+    tls_cert: bytes | None = None  # client certificate and key, for mutual TLS
+    tls_key: bytes | None = None
     details: bool = True
     progress: bool = False
     name: str = ""
@@ -243,6 +245,8 @@ async def run_bench_async(
         api_key=config.api_key,
         tls=config.tls,
         root_certificates=config.root_certificates,
+        tls_cert=config.tls_cert,
+        tls_key=config.tls_key,
         timeout=config.timeout,
         retries=0,  # count exactly what was sent
     )
@@ -338,7 +342,7 @@ _SAME_NAME = (
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         **{key: getattr(args, key) for key in _SAME_NAME},
-        **connection_kwargs(args),  # timeout, api_key, tls, root_certificates
+        **connection_kwargs(args),  # timeout, api_key, tls, certificates
         ignore_eos=not args.allow_eos,
         details=not args.no_details,
         progress=args.progress or sys.stderr.isatty(),

@@ -2,14 +2,23 @@
 the API key, and the retry policy.
 
 Retries are left to gRPC's own retry policy (service config), limited to calls
-that are safe to repeat: the read-only unary calls and Generate. gRPC commits a
+that are safe to repeat: the read-only unary calls (GetStats, ListAdapters,
+GetModelInfo, Tokenize and grpc.health.v1 Check) and Generate. Only UNAVAILABLE
+is retried (a server not up yet, draining, or a connection that dropped), with
+exponential backoff: a random wait of up to 0.1 s, 0.2 s, 0.4 s, ... capped at
+2 s, at most `retries` + 1 attempts in all (gRPC allows 5). gRPC commits a
 streaming call when the first response arrives, so Generate is retried only
-while nothing came back yet. Complete, LoadAdapter and UnloadAdapter are never
-retried: a repeated Complete would redo the whole generation."""
+while nothing came back yet: no token is ever generated twice for the caller.
+Complete, LoadAdapter and UnloadAdapter are never retried: a repeated Complete
+would redo the whole generation, and the admin calls change the server.
+
+TLS: `channel_credentials` takes PEM bytes, or a path (str or os.PathLike) to a
+PEM file, for the CA bundle and for a client certificate and key (mutual TLS)."""
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import grpc
@@ -19,6 +28,10 @@ DEFAULT_TIMEOUT_S = 120.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 SERVICE = "lorapool.v1.LoraPoolService"
 RETRIED_METHODS = ("GetStats", "ListAdapters", "GetModelInfo", "Tokenize", "Generate")
+NEVER_RETRIED = ("Complete", "LoadAdapter", "UnloadAdapter")  # not idempotent, or costly to redo
+
+PemSource = bytes | str | os.PathLike[str]
+"""PEM content (bytes) or the path of a PEM file (str or os.PathLike)."""
 
 
 def service_config(retries: int) -> str:
@@ -53,12 +66,32 @@ def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("x-api-key", api_key), ("authorization", f"Bearer {api_key}"))
 
 
+def read_pem(source: PemSource | None) -> bytes | None:
+    """PEM bytes as given, or read from the file a str / os.PathLike names."""
+    if source is None or isinstance(source, bytes):
+        return source
+    with open(source, "rb") as f:
+        return f.read()
+
+
 def channel_credentials(
-    tls: bool, root_certificates: bytes | None
+    tls: bool,
+    root_certificates: PemSource | None,
+    tls_cert: PemSource | None = None,
+    tls_key: PemSource | None = None,
 ) -> grpc.ChannelCredentials | None:
-    """TLS credentials when asked for (or implied by root certificates); None: plaintext."""
-    if tls or root_certificates is not None:
-        return grpc.ssl_channel_credentials(root_certificates)
+    """TLS credentials when asked for (or implied by root certificates or a client
+    certificate); None: plaintext. `root_certificates` None trusts the system roots.
+    `tls_cert` and `tls_key` (given together) are the client's certificate chain and
+    private key, presented to servers that ask for one (mutual TLS)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("pass both tls_cert and tls_key for a client certificate, or neither")
+    if tls or root_certificates is not None or tls_cert is not None:
+        return grpc.ssl_channel_credentials(
+            root_certificates=read_pem(root_certificates),
+            private_key=read_pem(tls_key),
+            certificate_chain=read_pem(tls_cert),
+        )
     return None
 
 

@@ -1,14 +1,28 @@
 """Typed clients for LoraPoolService: `LoraPoolClient` (blocking) and
 `AsyncLoraPoolClient` (grpc.aio). Both return the engine's plain dataclasses and
 raise `LoraPoolClientError` instead of grpc.RpcError. How the channel is opened
-(limits, key metadata, which calls gRPC retries) is client/channel.py.
+(limits, key metadata, TLS, which calls gRPC retries) is client/channel.py.
+
+Sampling options, two ways:
+
+- `sampling=SamplingParams(...)`: the whole object is sent, every field of it,
+  so what the request runs with is exactly what the object says (its dataclass
+  defaults are the server's documented defaults). A plain dataclass cannot tell a
+  field set to its default from one left alone, so "only the fields set" cannot
+  be honoured for it; sending all of them is the unambiguous reading.
+- keyword arguments (`max_new_tokens=8, temperature=0.7`, typed by
+  `SamplingKwargs`): only those given are sent, and the server's defaults apply
+  to the rest. Still supported, no warning; prefer `sampling=` in new code.
+
+Given both, the keywords override the object's fields.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +31,7 @@ from lorapool.client.channel import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT_S,
     MAX_MESSAGE_BYTES,
+    PemSource,
     auth_metadata,
     channel_credentials,
     channel_options,
@@ -31,6 +46,7 @@ from lorapool.convert import (
     completion_from_proto,
     event_from_proto,
     model_info_from_proto,
+    params_to_proto,
     stats_from_proto,
 )
 from lorapool.types import AdapterInfo, EngineStats, SamplingParams, TokenEvent
@@ -42,8 +58,26 @@ __all__ = [
     "AsyncLoraPoolClient",
     "LoraPoolClient",
     "LoraPoolClientError",
+    "SamplingKwargs",
+    "SamplingParams",
     "generation_request",
 ]
+
+
+class SamplingKwargs(TypedDict, total=False):
+    """The sampling keyword arguments of generate/complete: SamplingParams' fields.
+    None (like leaving one out) takes the server's default."""
+
+    max_new_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: Sequence[str] | None
+    stop_token_ids: Sequence[int] | None
+    ignore_eos: bool | None
+    repetition_penalty: float | None
+    logprobs: int | None
 
 
 def generation_request(
@@ -54,18 +88,26 @@ def generation_request(
     request_id: str,
     priority: int,
     sampling: dict[str, Any],
+    params: SamplingParams | None = None,
 ) -> Any:
     """Build a Generate/Complete request. `sampling` holds SamplingParams field
-    names; only those given are sent, so the server's documented defaults apply
-    to the rest."""
+    names; only those given (and not None) are sent, so the server's documented
+    defaults apply to the rest. `params`, when given, is sent whole (every field),
+    with the `sampling` entries overriding its fields."""
     if (prompt is None) == (input_ids is None):
         raise ValueError("pass exactly one of prompt or input_ids")
+    if params is not None and not isinstance(params, SamplingParams):
+        raise TypeError(f"sampling must be a SamplingParams, not {type(params).__name__}")
     known = {f for f in SamplingParams.__dataclass_fields__}
     unknown = set(sampling) - known
     if unknown:
         raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
-    params = pb.SamplingParams(**{k: v for k, v in sampling.items() if v is not None})
-    msg = message(request_id=request_id, adapter_id=adapter_id, priority=priority, params=params)
+    given = {k: v for k, v in sampling.items() if v is not None}
+    if params is None:
+        wire = pb.SamplingParams(**given)
+    else:
+        wire = params_to_proto(dataclasses.replace(params, **given))
+    msg = message(request_id=request_id, adapter_id=adapter_id, priority=priority, params=wire)
     if input_ids is not None:
         msg.input_ids.SetInParent()  # an empty list still selects input_ids
         msg.input_ids.ids.extend(input_ids)
@@ -97,7 +139,9 @@ class _ClientBase:
         *,
         api_key: str | None = None,
         tls: bool = False,
-        root_certificates: bytes | None = None,
+        root_certificates: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
         timeout: float | None = DEFAULT_TIMEOUT_S,
         retries: int = 3,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
@@ -107,7 +151,7 @@ class _ClientBase:
         self.timeout = timeout
         self.metadata = auth_metadata(api_key) + tuple(metadata)
         self.options = channel_options(retries, max_message_bytes)
-        self.credentials = channel_credentials(tls, root_certificates)
+        self.credentials = channel_credentials(tls, root_certificates, tls_cert, tls_key)
         self.channel = open_channel(self._channels, target, self.credentials, self.options)
         self.stub = pb_grpc.LoraPoolServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
@@ -131,9 +175,17 @@ class _ClientBase:
         priority: int,
         timeout: float | None,
         sampling: dict[str, Any],
+        params: SamplingParams | None = None,
     ) -> Any:
         request = generation_request(
-            pb.GenerateRequest, prompt, input_ids, adapter_id, request_id, priority, sampling
+            pb.GenerateRequest,
+            prompt,
+            input_ids,
+            adapter_id,
+            request_id,
+            priority,
+            sampling,
+            params,
         )
         return self._call(self.stub.Generate, request, timeout)
 
@@ -145,9 +197,17 @@ class _ClientBase:
         request_id: str,
         priority: int,
         sampling: dict[str, Any],
+        params: SamplingParams | None = None,
     ) -> _Unary:
         request = generation_request(
-            pb.CompleteRequest, prompt, input_ids, adapter_id, request_id, priority, sampling
+            pb.CompleteRequest,
+            prompt,
+            input_ids,
+            adapter_id,
+            request_id,
+            priority,
+            sampling,
+            params,
         )
         return _Unary(self.stub.Complete, request, completion_from_proto)
 
@@ -218,12 +278,22 @@ class LoraPoolClient(_ClientBase):
         request_id: str = "",
         priority: int = 0,
         timeout: float | None = None,
-        **sampling: Any,
+        sampling: SamplingParams | None = None,
+        **sampling_kwargs: Unpack[SamplingKwargs],
     ) -> Iterator[TokenEvent]:
         """Yield TokenEvents as the server streams them; the last one has
-        finish_reason and usage. Stopping the iteration early cancels the call."""
+        finish_reason, usage and the request_id. Stopping the iteration early
+        cancels the call. Sampling: `sampling=SamplingParams(...)` (sent whole) or,
+        deprecated but supported, keyword arguments (only those given are sent)."""
         call = self._open_generate(
-            prompt, input_ids, adapter_id, request_id, priority, timeout, sampling
+            prompt,
+            input_ids,
+            adapter_id,
+            request_id,
+            priority,
+            timeout,
+            dict(sampling_kwargs),
+            sampling,
         )
         return _stream(call)
 
@@ -236,9 +306,14 @@ class LoraPoolClient(_ClientBase):
         request_id: str = "",
         priority: int = 0,
         timeout: float | None = None,
-        **sampling: Any,
+        sampling: SamplingParams | None = None,
+        **sampling_kwargs: Unpack[SamplingKwargs],
     ) -> Completion:
-        unary = self._complete_call(prompt, input_ids, adapter_id, request_id, priority, sampling)
+        """The whole generation in one reply, with the request_id it ran under.
+        Sampling as in generate."""
+        unary = self._complete_call(
+            prompt, input_ids, adapter_id, request_id, priority, dict(sampling_kwargs), sampling
+        )
         return self._send(unary, timeout)
 
     def tokenize(
@@ -303,11 +378,20 @@ class AsyncLoraPoolClient(_ClientBase):
         request_id: str = "",
         priority: int = 0,
         timeout: float | None = None,
-        **sampling: Any,
+        sampling: SamplingParams | None = None,
+        **sampling_kwargs: Unpack[SamplingKwargs],
     ) -> AsyncIterator[TokenEvent]:
-        """Async-iterate the streamed TokenEvents; leaving the loop early cancels."""
+        """Async-iterate the streamed TokenEvents; leaving the loop early cancels.
+        Sampling as in LoraPoolClient.generate."""
         call = self._open_generate(
-            prompt, input_ids, adapter_id, request_id, priority, timeout, sampling
+            prompt,
+            input_ids,
+            adapter_id,
+            request_id,
+            priority,
+            timeout,
+            dict(sampling_kwargs),
+            sampling,
         )
         with rpc_errors(call):
             async for msg in call:
@@ -322,9 +406,13 @@ class AsyncLoraPoolClient(_ClientBase):
         request_id: str = "",
         priority: int = 0,
         timeout: float | None = None,
-        **sampling: Any,
+        sampling: SamplingParams | None = None,
+        **sampling_kwargs: Unpack[SamplingKwargs],
     ) -> Completion:
-        unary = self._complete_call(prompt, input_ids, adapter_id, request_id, priority, sampling)
+        """The whole generation in one reply; sampling as in generate."""
+        unary = self._complete_call(
+            prompt, input_ids, adapter_id, request_id, priority, dict(sampling_kwargs), sampling
+        )
         return await self._send(unary, timeout)
 
     async def tokenize(

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lorapool.client.channel import DEFAULT_TARGET
+from lorapool.client.channel import DEFAULT_TARGET, read_pem
 from lorapool.client.client import LoraPoolClient
 from lorapool.client.errors import LoraPoolClientError
 from lorapool.types import AdapterInfo
@@ -43,18 +43,25 @@ def add_connection_arguments(parser: argparse.ArgumentParser, timeout: float = 1
     group.add_argument("--timeout", type=float, default=timeout, help="deadline per call (s)")
     group.add_argument("--tls", action="store_true", help="use TLS with the system roots")
     group.add_argument("--tls-ca", metavar="PEM", help="use TLS trusting this CA bundle")
+    group.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="use TLS presenting this client certificate (mutual TLS; needs --tls-key)",
+    )
+    group.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
 
 
 def connection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """LoraPoolClient / AsyncLoraPoolClient keyword arguments from the flags."""
-    root = None
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as f:
-            root = f.read()
+    """LoraPoolClient / AsyncLoraPoolClient keyword arguments from the flags. The
+    PEM files are read here, so a missing one is a usage error before any call."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
     return {
         "api_key": args.api_key or os.environ.get("LORAPOOL_API_KEY"),
         "tls": args.tls,
-        "root_certificates": root,
+        "root_certificates": read_pem(args.tls_ca or None),
+        "tls_cert": read_pem(args.tls_cert or None),
+        "tls_key": read_pem(args.tls_key or None),
         "timeout": args.timeout,
     }
 
@@ -186,7 +193,8 @@ def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def to_jsonable(value: Any) -> Any:
-    """Dataclasses to dicts with enums as their names."""
+    """Dataclasses to dicts with enums as their names: a finish reason is "LENGTH",
+    never 1 (FinishReason stays an IntEnum, so code comparing it to ints works)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, enum.Enum):

@@ -186,6 +186,7 @@ def event_from_proto(msg: pb.GenerateResponse) -> TokenEvent:
         logprobs=_logprobs_from_proto(msg.logprobs),
         finish_reason=FinishReason(msg.finish_reason),
         usage=usage_from_proto(msg.usage) if msg.HasField("usage") else None,
+        request_id=msg.request_id,
     )
 
 

@@ -64,13 +64,19 @@ class Usage:
 @dataclass
 class TokenEvent:
     """One streamed increment. `text` is the new text only (never a broken UTF-8
-    character). The last event has finish_reason != NONE and usage set."""
+    character). The last event has finish_reason != NONE and usage set.
+
+    `request_id` is the id the server ran the request under (the caller's, or one
+    the server picked), as the wire carries it: on the last event only, "" on the
+    others. It identifies the request rather than being part of the increment, so
+    it takes no part in ==."""
 
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
     usage: Usage | None = None
+    request_id: str = field(default="", compare=False)
 
 
 class AdapterState(enum.IntEnum):
