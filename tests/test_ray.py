@@ -1,9 +1,17 @@
 """`lorapool serve-ray` end to end: one local Ray instance for the module, the tiny
 demo on two engine replicas behind Serve's gRPC proxy. Greedy outputs match an
 in-process Engine, an adapter's requests stay on one replica, errors keep their
-status and ErrorInfo, admin calls reach every replica."""
+status and ErrorInfo, admin calls reach every replica. The deployment checks an
+inference and an admin key (the rules of `lorapool serve`, transport.auth.authorize,
+unit-tested here too), so the tests' stubs send them."""
 
 from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import pytest
@@ -14,6 +22,11 @@ from conftest import free_port  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from lorapool import convert  # noqa: E402
+from lorapool.server.transport.auth import (  # noqa: E402
+    ADMIN_METHODS,
+    ApiKeys,
+    authorize,
+)
 from lorapool.types import GenerationRequest, SamplingParams  # noqa: E402
 from lorapool.v1 import lorapool_pb2 as pb  # noqa: E402
 from lorapool.v1 import lorapool_pb2_grpc as pb_grpc  # noqa: E402
@@ -22,11 +35,38 @@ REPLICAS = 2
 PROMPTS = ["The market opened", "Once upon a time"]
 ADAPTERS = ["adapter-000", "adapter-001", "adapter-002", ""]
 GREEDY = pb.SamplingParams(max_new_tokens=8, temperature=0.0)
+USER_KEY = "ray-user-key-for-tests"
+ADMIN_KEY = "ray-admin-key-for-tests"
+SERVICE = pb.DESCRIPTOR.services_by_name["LoraPoolService"]
+LORAPOOL = str(Path(sys.executable).with_name("lorapool"))
+
+
+class _SendKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `x-api-key: key` to every call."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def _with_key(self, details):
+        metadata = [*(details.metadata or ()), ("x-api-key", self.key)]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+
+class Cluster(NamedTuple):
+    channel: grpc.Channel  # sends no key
+    stub: pb_grpc.LoraPoolServiceStub  # sends the inference key
+    admin: pb_grpc.LoraPoolServiceStub  # sends the admin key
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_demo):
-    """(channel, stub) of a 2-replica serve-ray deployment; torn down at the end."""
+    """A 2-replica serve-ray deployment with both keys; torn down at the end."""
     from lorapool.server.engine.config import EngineConfig
     from lorapool.server.ray.cluster import deploy, shutdown
 
@@ -45,9 +85,15 @@ def cluster(tiny_demo):
             replica_cpus=0.5,
             http_port=free_port(),
             num_cpus=2,
+            api_key=USER_KEY,
+            admin_api_key=ADMIN_KEY,
         )
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        yield channel, pb_grpc.LoraPoolServiceStub(channel)
+        user = grpc.intercept_channel(channel, _SendKey(USER_KEY))
+        admin = grpc.intercept_channel(channel, _SendKey(ADMIN_KEY))
+        yield Cluster(
+            channel, pb_grpc.LoraPoolServiceStub(user), pb_grpc.LoraPoolServiceStub(admin)
+        )
         channel.close()
     finally:
         shutdown()
@@ -58,7 +104,7 @@ def _request(adapter: str, prompt: str, kind=pb.GenerateRequest):
 
 
 async def test_greedy_outputs_match_an_in_process_engine(cluster, make_engine):
-    _, stub = cluster
+    stub = cluster.stub
     engine = await make_engine(pool_mib=32, host_cache_mib=64)
     for adapter in ADAPTERS:
         for prompt in PROMPTS:
@@ -78,7 +124,7 @@ async def test_greedy_outputs_match_an_in_process_engine(cluster, make_engine):
 
 
 def test_streaming_delivers_one_message_per_token(cluster):
-    _, stub = cluster
+    stub = cluster.stub
     messages = list(stub.Generate(_request("adapter-003", PROMPTS[0]), timeout=60))
     assert len(messages) == GREEDY.max_new_tokens
     assert all(len(m.token_ids) == 1 for m in messages)
@@ -87,7 +133,7 @@ def test_streaming_delivers_one_message_per_token(cluster):
 
 
 def test_each_adapters_requests_stay_on_one_replica(cluster):
-    _, stub = cluster
+    stub = cluster.stub
     used = ["adapter-004", "adapter-005", "adapter-006", "adapter-007"]
     for _ in range(3):
         for adapter in used:
@@ -119,7 +165,7 @@ def _error(call) -> tuple[grpc.StatusCode, str]:
     ],
 )
 def test_errors_keep_status_and_error_info(cluster, start_server, adapter, prompt, code, reason):
-    _, stub = cluster
+    stub = cluster.stub
     plain = pb_grpc.LoraPoolServiceStub(grpc.insecure_channel(start_server().target))
     for target in (stub, plain):
         assert _error(
@@ -132,22 +178,22 @@ def test_errors_keep_status_and_error_info(cluster, start_server, adapter, promp
 
 
 def test_admin_calls_reach_every_replica(cluster):
-    _, stub = cluster
-    loaded = stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id="adapter-010"), timeout=60)
+    stub, admin = cluster.stub, cluster.admin
+    loaded = admin.LoadAdapter(pb.LoadAdapterRequest(adapter_id="adapter-010"), timeout=60)
     assert len(loaded.adapter.replicas) == REPLICAS
     listed = {a.adapter_id: a for a in stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
     assert len(listed["adapter-010"].replicas) == REPLICAS
-    stub.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="adapter-010"), timeout=60)
+    admin.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id="adapter-010"), timeout=60)
     listed = {a.adapter_id: a for a in stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
     assert not listed["adapter-010"].replicas
     with pytest.raises(grpc.RpcError) as caught:
-        stub.LoadAdapter(pb.LoadAdapterRequest(adapter_id="no-such-adapter"), timeout=60)
+        admin.LoadAdapter(pb.LoadAdapterRequest(adapter_id="no-such-adapter"), timeout=60)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert convert.error_info(caught.value.trailing_metadata()).reason == "ADAPTER_NOT_FOUND"
 
 
 def test_stats_sum_the_fleet_and_health_serves(cluster):
-    channel, stub = cluster
+    channel, stub = cluster.channel, cluster.stub
     info = stub.GetModelInfo(pb.GetModelInfoRequest())
     stats = stub.GetStats(pb.GetStatsRequest())
     assert stats.total_pages == REPLICAS * info.total_pages
@@ -156,3 +202,195 @@ def test_stats_sum_the_fleet_and_health_serves(cluster):
     )
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# -- API keys -----------------------------------------------------------------------------------
+
+
+def _method(name: str) -> str:
+    return f"/{SERVICE.full_name}/{name}"
+
+
+def _key(key: str) -> tuple:
+    return (("x-api-key", key),)
+
+
+BOTH = ApiKeys.of(USER_KEY, ADMIN_KEY)
+USER_ONLY = ApiKeys.of(api_key=USER_KEY)
+ADMIN_ONLY = ApiKeys.of(admin_api_key=ADMIN_KEY)
+OK, UNAUTH, DENIED = None, "UNAUTHENTICATED", "PERMISSION_DENIED"
+
+
+@pytest.mark.parametrize(
+    ("keys", "rpc", "metadata", "expected"),
+    [
+        # both keys: the inference key opens inference, the admin key everything
+        (BOTH, "Complete", _key(USER_KEY), OK),
+        (BOTH, "Generate", (("authorization", f"Bearer {USER_KEY}"),), OK),
+        (BOTH, "GetStats", (("authorization", f"bearer  {USER_KEY} "),), OK),
+        (BOTH, "ListAdapters", _key(ADMIN_KEY), OK),
+        (BOTH, "LoadAdapter", _key(ADMIN_KEY), OK),
+        (BOTH, "UnloadAdapter", (("authorization", f"Bearer {ADMIN_KEY}"),), OK),
+        (BOTH, "Complete", (), UNAUTH),
+        (BOTH, "Complete", _key("wrong"), UNAUTH),
+        (BOTH, "Tokenize", _key(USER_KEY + "x"), UNAUTH),
+        (BOTH, "GetModelInfo", (("authorization", USER_KEY),), UNAUTH),  # no Bearer
+        (BOTH, "Generate", (("authorization", "Bearer "),), UNAUTH),
+        (BOTH, "LoadAdapter", _key(USER_KEY), DENIED),
+        (BOTH, "UnloadAdapter", (("authorization", f"Bearer {USER_KEY}"),), DENIED),
+        (BOTH, "LoadAdapter", (), UNAUTH),
+        (BOTH, "LoadAdapter", _key("wrong"), UNAUTH),
+        # x-api-key wins over authorization; bytes values compare too
+        (BOTH, "Complete", (*_key("wrong"), ("authorization", f"Bearer {USER_KEY}")), UNAUTH),
+        (BOTH, "Complete", (("x-api-key", USER_KEY.encode()),), OK),
+        (BOTH, "Complete", (("x-api-key", b"\xff\xfe"),), UNAUTH),
+        # health and reflection stay open
+        (BOTH, "/grpc.health.v1.Health/Check", (), OK),
+        (BOTH, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", (), OK),
+        # no admin key: the admin RPCs are off for everyone
+        (USER_ONLY, "Complete", _key(USER_KEY), OK),
+        (USER_ONLY, "Complete", (), UNAUTH),
+        (USER_ONLY, "LoadAdapter", _key(USER_KEY), DENIED),
+        (USER_ONLY, "LoadAdapter", (), DENIED),
+        (USER_ONLY, "UnloadAdapter", _key("wrong"), DENIED),
+        # no inference key: inference open, admin RPCs need the admin key
+        (ADMIN_ONLY, "Complete", (), OK),
+        (ADMIN_ONLY, "Generate", _key("anything"), OK),
+        (ADMIN_ONLY, "LoadAdapter", _key(ADMIN_KEY), OK),
+        (ADMIN_ONLY, "LoadAdapter", (), UNAUTH),
+        (ADMIN_ONLY, "UnloadAdapter", _key("anything"), UNAUTH),
+    ],
+)
+def test_authorize_decides_as_lorapool_serve(keys, rpc, metadata, expected):
+    method = rpc if rpc.startswith("/") else _method(rpc)
+    refusal = authorize(method, metadata, keys)
+    if expected is None:
+        assert refusal is None
+        return
+    assert refusal is not None
+    assert (refusal.code.name, refusal.reason) == (expected, expected)
+    code, details, trailers = refusal.status()
+    assert code == refusal.code and details == refusal.message
+    assert convert.error_info(trailers).reason == expected
+    assert "key" in refusal.message
+
+
+def test_api_keys_are_checked_and_never_printed():
+    with pytest.raises(ValueError):
+        ApiKeys.of()
+    with pytest.raises(ValueError):
+        ApiKeys.of(USER_KEY, USER_KEY)
+    assert USER_KEY not in repr(BOTH) and ADMIN_KEY not in repr(BOTH)
+    assert ADMIN_METHODS == {_method("LoadAdapter"), _method("UnloadAdapter")}
+
+
+class _ProxyContext:
+    """What Serve's proxy builds a RayServegRPCContext from (grpc.aio's context)."""
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+    def auth_context(self):
+        return {}
+
+    def code(self):
+        return None
+
+    def details(self):
+        return None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
+    def peer_identities(self):
+        return None
+
+    def peer_identity_key(self):
+        return None
+
+    def trailing_metadata(self):
+        return (("request_id", "r-1"),)
+
+
+@pytest.mark.parametrize("metadata", [(), _key("wrong"), _key(USER_KEY)])
+def test_ingress_refuses_every_lorapool_rpc_before_the_engine(metadata):
+    """Every LoraPoolService RPC of the ingress checks the key first: a refusal is
+    on Serve's gRPC context (code, details, ErrorInfo, Serve's request_id kept)
+    and the engine (None here) is never called."""
+    from ray.serve.grpc_util import RayServegRPCContext
+
+    from lorapool.server.ray.deployments import LoraPoolIngress
+
+    ingress = LoraPoolIngress(None, BOTH)
+    refused = 0
+    for method in SERVICE.methods:
+        expected = authorize(_method(method.name), metadata, BOTH)
+        if expected is None:
+            continue  # the inference key on an inference RPC
+        context = RayServegRPCContext(_ProxyContext(metadata))
+        request = pb.DESCRIPTOR.message_types_by_name[method.input_type.name]
+        call = getattr(ingress, method.name)(getattr(pb, request.name)(), context)
+        if method.server_streaming:
+            replies = asyncio.run(_drain(call))
+            assert replies == [pb.GenerateResponse()]  # one empty message carries the status
+        else:
+            asyncio.run(call)
+        assert context.code() == expected.code, method.name
+        assert context.details() == expected.message
+        trailers = context.trailing_metadata()
+        assert trailers[0] == ("request_id", "r-1")
+        assert convert.error_info(trailers).reason == expected.reason
+        refused += 1
+    assert refused == (len(ADMIN_METHODS) if metadata == _key(USER_KEY) else len(SERVICE.methods))
+
+
+async def _drain(stream) -> list:
+    return [reply async for reply in stream]
+
+
+def test_keys_are_enforced_end_to_end(cluster):
+    """Through Serve's proxy: no key, a wrong key and the inference key on an admin
+    RPC are refused with the status and ErrorInfo of `lorapool serve`; health is
+    open; the admin key opens the admin RPCs (test_admin_calls_reach_every_replica)."""
+    bare = pb_grpc.LoraPoolServiceStub(cluster.channel)
+    unauth = (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED")
+    complete = _request("adapter-001", PROMPTS[0], pb.CompleteRequest)
+    assert _error(lambda: bare.Complete(complete, timeout=30)) == unauth
+    assert _error(lambda: bare.Complete(complete, metadata=_key("wrong"), timeout=30)) == unauth
+    assert _error(lambda: bare.Generate(_request("adapter-001", PROMPTS[0]), timeout=30)) == unauth
+    assert _error(lambda: bare.GetStats(pb.GetStatsRequest(), timeout=30)) == unauth
+    load = pb.LoadAdapterRequest(adapter_id="adapter-011")
+    assert _error(lambda: cluster.stub.LoadAdapter(load, timeout=30)) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "PERMISSION_DENIED",
+    )
+    listed = {a.adapter_id: a for a in cluster.stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
+    assert not listed["adapter-011"].replicas  # the refused load did nothing
+    bearer = (("authorization", f"Bearer {USER_KEY}"),)
+    assert bare.Complete(complete, metadata=bearer, timeout=60).token_ids
+    health = health_pb2_grpc.HealthStub(cluster.channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_serve_ray_reads_keys_as_serve_does(tmp_path):
+    """The key options fail start-up the way `lorapool serve`'s do, before Ray starts."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    cases = [
+        (["--admin-api-key-file", str(tmp_path / "missing")], "cannot read --admin-api-key-file"),
+        (["--api-key-file", str(empty)], "--api-key-file " + str(empty) + " is empty"),
+        (["--api-key", "a", "--api-key-file", str(empty)], "not both"),
+        (["--api-key", "same", "--admin-api-key", "same"], "must differ"),
+    ]
+    for flags, message in cases:
+        done = subprocess.run(
+            [LORAPOOL, "serve-ray", "--model", str(tmp_path), *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr, done.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,6 +15,7 @@ import threading
 from lorapool.server.transport.cli import (
     _engine_config,
     _engine_flags,
+    _keys,
     _model_and_adapters,
     _model_flags,
     _source_rules,
@@ -44,7 +46,34 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         metavar="RULE",
         help="LoadAdapter sources allowed (as for `lorapool serve`)",
     )
+    _key_flags(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+
+
+def _key_flags(parser: argparse.ArgumentParser) -> None:
+    """The key options of `lorapool serve`, read by its _keys and checked in the
+    ingress by the same rules."""
+    parser.add_argument(
+        "--api-key",
+        help="key for inference RPCs (x-api-key); visible in ps: prefer LORAPOOL_API_KEY "
+        "or --api-key-file",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        default=os.environ.get("LORAPOOL_API_KEY_FILE"),
+        help="file holding the inference key (env LORAPOOL_API_KEY_FILE)",
+    )
+    parser.add_argument(
+        "--admin-api-key",
+        help="key for LoadAdapter/UnloadAdapter (and every other RPC); without one they "
+        "are refused unless no key is set at all; prefer LORAPOOL_ADMIN_API_KEY or "
+        "--admin-api-key-file",
+    )
+    parser.add_argument(
+        "--admin-api-key-file",
+        default=os.environ.get("LORAPOOL_ADMIN_API_KEY_FILE"),
+        help="file holding the admin key (env LORAPOOL_ADMIN_API_KEY_FILE)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.replicas < 1:
             raise StartupError("--replicas must be at least 1")
+        api_key, admin_key = _keys(args)
         allow = _source_rules(args.adapter_source_allow)
         tokenizer = _tokenizer_settings(args.tokenizer)
         model, adapters = _model_and_adapters(args.model, list(args.adapters))
@@ -82,12 +112,15 @@ def run(args: argparse.Namespace) -> int:
             http_port=args.http_port,
             address=args.address,
             source_allow=allow,
+            api_key=api_key,
+            admin_api_key=admin_key,
         )
         # after ray.init, whose own SIGTERM handler would end the process at once
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+        keys = "API keys checked" if api_key or admin_key else "no API key: every RPC open"
         print(
-            f"lorapool serve-ray: {args.replicas} replicas on port {args.port}",
+            f"lorapool serve-ray: {args.replicas} replicas on port {args.port} ({keys})",
             file=sys.stderr,
             flush=True,
         )

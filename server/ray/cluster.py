@@ -35,6 +35,8 @@ def deploy(
     address: str | None = None,
     source_allow: list[str] | None = None,
     num_cpus: int | None = None,
+    api_key: str | None = None,
+    admin_api_key: str | None = None,
 ) -> None:
     """Start (or join) Ray, start Serve with the gRPC proxy on `port` and run the
     application; returns once every replica is ready."""
@@ -61,6 +63,8 @@ def deploy(
         replica_cpus=replica_cpus,
         ingress_cpus=INGRESS_CPUS,
         source_allow=source_allow,
+        api_key=api_key,
+        admin_api_key=admin_api_key,
     )
     serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX)
     log.info("serving %d engine replicas on gRPC port %d", replicas, port)

@@ -15,7 +15,9 @@ proxy. Generate/Complete with an adapter go to the engine with
 (the least loaded of two random replicas). LoadAdapter/UnloadAdapter reach every
 replica; ListAdapters and GetStats merge every replica's answer. An ErrorReply is
 written onto the call's grpc_context, which Serve's proxy copies onto the real
-call with the reply it travels with.
+call with the reply it travels with. With API keys set, every LoraPoolService
+method first applies the rules of `lorapool serve` (transport.auth.authorize) to
+the caller's metadata; a refusal travels the same way as an ErrorReply.
 
 Calls that must reach one given replica (the admin broadcast) carry a `replica`
 keyword; ReplicaRouter, the engine deployment's request router, sends such a call
@@ -38,6 +40,7 @@ from lorapool import convert
 from lorapool.errors import Draining, LoraPoolError
 from lorapool.server.metrics import Metrics
 from lorapool.server.service import LoraPoolService, SourcePolicy
+from lorapool.server.transport.auth import ApiKeys, authorize
 from lorapool.v1 import lorapool_pb2 as pb
 
 if TYPE_CHECKING:
@@ -53,6 +56,7 @@ SERVICER_FUNCTIONS = [
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 TARGET = "replica"  # keyword that pins an engine call to one replica (ReplicaRouter)
+SERVICE = pb.DESCRIPTOR.services_by_name["LoraPoolService"].full_name
 REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve's actor names: SERVE_REPLICA::app#deployment#id
 BROADCAST_TIMEOUT_S = 120.0
 STICKY_LIMIT = 10_000  # adapter ids ReplicaRouter remembers (oldest forgotten first)
@@ -242,8 +246,22 @@ class LoraPoolEngine:
 class LoraPoolIngress:
     """lorapool.v1.LoraPoolService on Serve's gRPC proxy (methods named as the RPCs)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, api_keys: ApiKeys | None = None):
         self.engine = engine  # DeploymentHandle of LoraPoolEngine
+        self.api_keys = api_keys  # None: every RPC open, as `lorapool serve` without keys
+
+    def _refused(self, name: str, grpc_context) -> bool:
+        """Apply the API-key rules to the call of RPC `name`; a refusal is written
+        onto the grpc_context (status and ErrorInfo) and True returned."""
+        if self.api_keys is None:
+            return False
+        metadata = grpc_context.invocation_metadata()
+        refusal = authorize(f"/{SERVICE}/{name}", metadata, self.api_keys)
+        if refusal is None:
+            return False
+        code, details, trailers = refusal.status()
+        ErrorReply(code.name, details, tuple(trailers)).set_on(grpc_context)
+        return True
 
     def _route(self, adapter_id: str):
         if adapter_id:
@@ -252,6 +270,9 @@ class LoraPoolIngress:
 
     # -- inference ----------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context):
+        if self._refused("Generate", grpc_context):
+            yield pb.GenerateResponse()  # the context travels beside a message (see below)
+            return
         stream = self._route(request.adapter_id).options(stream=True).generate.remote(request)
         async for reply in stream:
             if isinstance(reply, ErrorReply):
@@ -263,14 +284,20 @@ class LoraPoolIngress:
             yield reply
 
     async def Complete(self, request: pb.CompleteRequest, grpc_context):
+        if self._refused("Complete", grpc_context):
+            return pb.CompleteResponse()
         _, reply = await self._route(request.adapter_id).complete.remote(request)
         return _unwrap(reply, grpc_context, pb.CompleteResponse)
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context):
+        if self._refused("Tokenize", grpc_context):
+            return pb.TokenizeResponse()
         _, reply = await self.engine.tokenize.remote(request)
         return _unwrap(reply, grpc_context, pb.TokenizeResponse)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context):
+        if self._refused("GetModelInfo", grpc_context):
+            return pb.GetModelInfoResponse()
         _, reply = await self.engine.get_model_info.remote()
         return _unwrap(reply, grpc_context, pb.GetModelInfoResponse)
 
@@ -289,6 +316,8 @@ class LoraPoolIngress:
 
     # -- fleet-wide ---------------------------------------------------------------------
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, grpc_context):
+        if self._refused("LoadAdapter", grpc_context):
+            return pb.LoadAdapterResponse()
         replies = await self._broadcast("load_adapter", request)
         error = _first_error(replies)
         if error is not None:
@@ -298,11 +327,15 @@ class LoraPoolIngress:
         return reply
 
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, grpc_context):
+        if self._refused("UnloadAdapter", grpc_context):
+            return pb.UnloadAdapterResponse()
         replies = await self._broadcast("unload_adapter", request)
         error = _first_error(replies)
         return _unwrap(error, grpc_context, pb.UnloadAdapterResponse) if error else replies[0][1]
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, grpc_context):
+        if self._refused("ListAdapters", grpc_context):
+            return pb.ListAdaptersResponse()
         replies = await self._broadcast("list_adapters")
         error = _first_error(replies)
         if error is not None:
@@ -310,6 +343,8 @@ class LoraPoolIngress:
         return merge_adapters(replies)
 
     async def GetStats(self, request: pb.GetStatsRequest, grpc_context):
+        if self._refused("GetStats", grpc_context):
+            return pb.GetStatsResponse()
         replies = await self._broadcast("get_stats")
         error = _first_error(replies)
         if error is not None:
@@ -396,8 +431,13 @@ def build_app(
     replica_cpus: float = 1.0,
     ingress_cpus: float = 0.1,
     source_allow: list[str] | None = None,
+    api_key: str | None = None,
+    admin_api_key: str | None = None,
 ):
-    """The Serve application: the ingress bound to `replicas` engine replicas."""
+    """The Serve application: the ingress bound to `replicas` engine replicas; with
+    an inference or an admin key, the ingress checks them as `lorapool serve` does
+    (the keys travel in the ingress's init arguments, held by Serve's controller)."""
+    keys = ApiKeys.of(api_key, admin_api_key) if api_key or admin_api_key else None
     engine = serve.deployment(
         LoraPoolEngine,
         name=ENGINE_NAME,
@@ -414,4 +454,4 @@ def build_app(
         ray_actor_options={"num_cpus": ingress_cpus},
         max_ongoing_requests=100_000,
     )
-    return ingress.bind(engine.bind(engine_config, source_allow))
+    return ingress.bind(engine.bind(engine_config, source_allow), keys)
