@@ -207,6 +207,8 @@ def test_wheel_ships_py_typed_and_the_proto(wheel):
     assert "lorapool/py.typed" in names
     assert "lorapool/v1/lorapool.proto" in names
     assert "lorapool/v1/lorapool_pb2.pyi" in names
+    # the descriptor set with comments, which reflection serves
+    assert "lorapool/v1/lorapool.binpb" in names
     # the wheel's proto is the committed one
     assert (
         wheel.read("lorapool/v1/lorapool.proto")
