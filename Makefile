@@ -5,7 +5,7 @@ VENV    := .venv/.installed
 DEMO    ?= .cache/demo
 PROTO   := protos/lorapool/v1/lorapool.proto
 
-.PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc clean
+.PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc bench-routing clean
 
 # Exact versions from constraints.txt (pyproject.toml declares ranges).
 $(VENV): pyproject.toml constraints.txt
@@ -57,6 +57,10 @@ bench-engine-trace: $(VENV)
 
 bench-grpc: $(VENV)
 	$(PY) benchmarks/bench_grpc.py
+
+# Routing policies for many adapters over N replicas, simulated (pure Python, ~10 s).
+bench-routing: $(VENV)
+	$(PY) benchmarks/routing_sim.py
 
 clean:
 	rm -rf .cache build *.egg-info
