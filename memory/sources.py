@@ -4,7 +4,6 @@ thread. Operators add schemes (s3://, https://, a registry) with `register`."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +27,51 @@ class LocalSource:
         return path
 
 
+def hub_snapshot(
+    repo: str,
+    revision: str | None,
+    allow_patterns: list[str] | None = None,
+    timeout_s: float = 10.0,
+) -> Path:
+    """A local snapshot of a Hugging Face Hub repo, downloaded with short timeouts
+    or, when the hub cannot be reached (or HF_HUB_OFFLINE is set), taken from the
+    huggingface_hub cache, so an unreachable hub fails fast. Raises LookupError when
+    the hub says the repo or revision does not exist, ConnectionError when it cannot
+    be reached and the cache does not hold the snapshot."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            snapshot_download(
+                repo,
+                revision=revision or None,
+                allow_patterns=allow_patterns,
+                etag_timeout=timeout_s,  # the metadata call that decides "unreachable"
+            )
+        )
+    except LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError)
+        raise ConnectionError("the hub is unreachable and the local cache lacks it") from exc
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
+        raise LookupError(f"not on the hub ({type(exc).__name__})") from exc
+    except OSError as exc:
+        raise ConnectionError(f"the hub is unreachable ({exc})") from exc
+
+
+def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
+    """("org/name", revision or None) for "org/name[@revision]", else None."""
+    repo, _, revision = spec.partition("@")
+    parts = repo.split("/")
+    if len(parts) != 2 or not all(parts) or any(p in (".", "..") for p in parts):
+        return None
+    return repo, revision or None
+
+
 class HubSource:
     """hf://org/repo[@revision]. Works offline from the huggingface_hub cache; a
     hub that cannot be reached fails fast instead of hanging."""
@@ -36,36 +80,22 @@ class HubSource:
         self.timeout_s = timeout_s
 
     def fetch(self, uri: str) -> Path:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-
-        spec = uri.removeprefix("hf://")
-        repo, _, revision = spec.partition("@")
-        if repo.count("/") != 1:
+        parsed = parse_hub_id(uri.removeprefix("hf://"))
+        if parsed is None:
             raise AdapterNotFound(f"{uri}: expected hf://org/repo[@revision]")
-        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(self.timeout_s))
-        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(self.timeout_s))
         try:
-            path = snapshot_download(
-                repo,
-                revision=revision or None,
+            path = hub_snapshot(
+                *parsed,
                 allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
+                timeout_s=self.timeout_s,
             )
-        except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as exc:
-            raise AdapterNotFound(f"{uri}: not on the hub ({type(exc).__name__})") from exc
-        except LocalEntryNotFoundError as exc:
+        except LookupError as exc:
+            raise AdapterNotFound(f"{uri}: {exc}") from exc
+        except ConnectionError as exc:
             raise SourceUnavailable(
-                f"{uri}: hub unreachable and not in the local cache; retry later or load "
-                "the adapter from a local path"
+                f"{uri}: {exc}; retry later or load the adapter from a local path"
             ) from exc
-        except OSError as exc:
-            raise SourceUnavailable(f"{uri}: hub unreachable ({exc})") from exc
-        return LocalSource().fetch(path)
+        return LocalSource().fetch(str(path))
 
 
 class SourceRegistry:

@@ -39,6 +39,7 @@ from lorapool.server.engine.validation import (
     RequestValidator,
     check_adapter_id,
 )
+from lorapool.server.model.checkpoint import resolve_model_dir
 from lorapool.server.model.model import Model
 from lorapool.types import (
     AdapterInfo,
@@ -57,9 +58,10 @@ class Engine:
     def __init__(self, config: EngineConfig):
         self.config = config
         dtype = config.torch_dtype
-        self.model = Model.from_pretrained(config.model_dir, dtype=dtype, device=config.device)
+        self.model_dir = resolve_model_dir(config.model_dir)  # a folder, or a Hub id
+        self.model = Model.from_pretrained(self.model_dir, dtype=dtype, device=config.device)
         self.spec = self.model.spec
-        self.tokenizer = load_tokenizer(config.model_dir, config.tokenizer_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, config.tokenizer_dir)
         layout = PageLayout(
             self.spec.num_layers, config.block_size, self.spec.num_kv_heads, self.spec.head_dim
         )
@@ -319,7 +321,7 @@ class Engine:
     def model_info(self) -> dict:
         return {
             "model_name": self.config.model_name or Path(self.config.model_dir).name,
-            "model_path": str(self.config.model_dir),
+            "model_path": str(self.model_dir),
             "architecture": self.spec.arch,
             "vocab_size": self.spec.vocab_size,
             "max_model_len": self.max_model_len,

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from lorapool.errors import LoraPoolError
+from lorapool.memory.sources import hub_snapshot, parse_hub_id
 from lorapool.spec import ModelSpec
 
 SUPPORTED_ARCHS = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
@@ -44,6 +45,41 @@ def _read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; restore the {what}")
     return data
+
+
+# What a served checkpoint needs from a Hub repo (weights in safetensors only).
+HUB_MODEL_FILES = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+]
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """A checkpoint folder, or a Hugging Face Hub id `org/name[@revision]` resolved
+    through huggingface_hub's cache (downloaded if missing; an unreachable hub fails
+    fast with one line). An existing local path always wins over a Hub id."""
+    path = Path(model).expanduser()
+    parsed = None if path.exists() else parse_hub_id(str(model))
+    if parsed is None:
+        return path
+    repo, revision = parsed
+    try:
+        return hub_snapshot(repo, revision, allow_patterns=HUB_MODEL_FILES)
+    except LookupError as exc:
+        raise CheckpointError(
+            f"{model} is neither a local folder nor a model on the Hugging Face Hub ({exc})"
+        ) from exc
+    except ConnectionError as exc:
+        raise CheckpointError(
+            f"{model} is not a local folder, and as a Hugging Face Hub id: {exc}; download "
+            "it first (huggingface-cli download) or pass a local checkpoint folder"
+        ) from exc
 
 
 def check_model_dir(model_dir: str | Path) -> list[Path]:

@@ -47,7 +47,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     """What is served: the checkpoint, the adapter folders, the reported name."""
     parser.add_argument(
         "--model",
-        help="HF checkpoint dir to serve (default: the embedded random-init tiny demo model "
+        help="checkpoint to serve: a Hugging Face layout folder, or a Hub id org/name[@revision] "
+        "resolved through the huggingface_hub cache (default: the embedded random-init tiny demo model "
         "and 8 adapters, written first if missing to $LORAPOOL_DEMO_DIR, else "
         "<repo>/.cache/demo or ~/.cache/lorapool/demo)",
     )
