@@ -7,19 +7,20 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import signal
 import sys
 import threading
 
 from lorapool.server.transport.cli import (
-    _engine_config,
-    _engine_flags,
-    _keys,
-    _model_and_adapters,
-    _model_flags,
-    _source_rules,
-    _tokenizer_settings,
+    add_engine_flags,
+    add_key_flags,
+    add_model_flags,
+    add_source_rule_flag,
+    engine_config,
+    model_and_adapters,
+    read_keys,
+    source_rules,
+    tokenizer_settings,
 )
 from lorapool.server.transport.startup import StartupError, probe_port
 
@@ -27,7 +28,7 @@ log = logging.getLogger("lorapool.ray")
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    _model_flags(parser)
+    add_model_flags(parser)
     parser.add_argument("--replicas", type=int, default=2, help="engine replicas")
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (all interfaces)")
     parser.add_argument(
@@ -39,41 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument(
         "--address", help="join this Ray cluster (default: start a local Ray instance)"
     )
-    _engine_flags(parser)
-    parser.add_argument(
-        "--adapter-source-allow",
-        action="append",
-        metavar="RULE",
-        help="LoadAdapter sources allowed (as for `lorapool serve`)",
-    )
-    _key_flags(parser)
+    add_engine_flags(parser)
+    add_source_rule_flag(parser)
+    add_key_flags(parser)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
-
-
-def _key_flags(parser: argparse.ArgumentParser) -> None:
-    """The key options of `lorapool serve`, read by its _keys and checked in the
-    ingress by the same rules."""
-    parser.add_argument(
-        "--api-key",
-        help="key for inference RPCs (x-api-key); visible in ps: prefer LORAPOOL_API_KEY "
-        "or --api-key-file",
-    )
-    parser.add_argument(
-        "--api-key-file",
-        default=os.environ.get("LORAPOOL_API_KEY_FILE"),
-        help="file holding the inference key (env LORAPOOL_API_KEY_FILE)",
-    )
-    parser.add_argument(
-        "--admin-api-key",
-        help="key for LoadAdapter/UnloadAdapter (and every other RPC); without one they "
-        "are refused unless no key is set at all; prefer LORAPOOL_ADMIN_API_KEY or "
-        "--admin-api-key-file",
-    )
-    parser.add_argument(
-        "--admin-api-key-file",
-        default=os.environ.get("LORAPOOL_ADMIN_API_KEY_FILE"),
-        help="file holding the admin key (env LORAPOOL_ADMIN_API_KEY_FILE)",
-    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,11 +60,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.replicas < 1:
             raise StartupError("--replicas must be at least 1")
-        api_key, admin_key = _keys(args)
-        allow = _source_rules(args.adapter_source_allow)
-        tokenizer = _tokenizer_settings(args.tokenizer)
-        model, adapters = _model_and_adapters(args.model, list(args.adapters))
-        engine = _engine_config(args, model, adapters, tokenizer)
+        api_key, admin_key = read_keys(args)
+        allow = source_rules(args.adapter_source_allow)
+        tokenizer = tokenizer_settings(args.tokenizer)
+        model, adapters = model_and_adapters(args.model, list(args.adapters))
+        engine = engine_config(args, model, adapters, tokenizer)
         probe_port("gRPC", "0.0.0.0", args.port)
     except StartupError as exc:
         print(f"lorapool serve-ray: {exc}", file=sys.stderr, flush=True)

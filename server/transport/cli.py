@@ -36,14 +36,14 @@ _env = os.environ.get
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    _model_flags(parser)
+    add_model_flags(parser)
     _address_flags(parser)
-    _engine_flags(parser)
+    add_engine_flags(parser)
     _security_flags(parser)
     _operation_flags(parser)
 
 
-def _model_flags(parser: argparse.ArgumentParser) -> None:
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """What is served: the checkpoint, the adapter folders, the reported name."""
     parser.add_argument(
         "--model",
@@ -76,7 +76,7 @@ def _address_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _engine_flags(parser: argparse.ArgumentParser) -> None:
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     """Memory, device and the scheduler's limits (EngineConfig fields)."""
     parser.add_argument(
         "--pool-mib", type=float, default=256.0, help="pool size in MiB (KV + adapters)"
@@ -111,6 +111,14 @@ def _engine_flags(parser: argparse.ArgumentParser) -> None:
 
 def _security_flags(parser: argparse.ArgumentParser) -> None:
     """Keys, the LoadAdapter source rules and TLS."""
+    add_key_flags(parser)
+    add_source_rule_flag(parser)
+    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+
+
+def add_key_flags(parser: argparse.ArgumentParser) -> None:
+    """The inference and admin keys, from flags, files or the environment (read_keys)."""
     parser.add_argument(
         "--api-key",
         help="key for inference RPCs (x-api-key); visible in ps: prefer LORAPOOL_API_KEY "
@@ -132,6 +140,9 @@ def _security_flags(parser: argparse.ArgumentParser) -> None:
         default=_env("LORAPOOL_ADMIN_API_KEY_FILE"),
         help="file holding the admin key",
     )
+
+
+def add_source_rule_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter-source-allow",
         action="append",
@@ -140,8 +151,6 @@ def _security_flags(parser: argparse.ArgumentParser) -> None:
         "a scheme with a prefix (hf://org/); 'none' allows none (default: the --adapters "
         "folders and hf://)",
     )
-    parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
-    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
 
 
 def _operation_flags(parser: argparse.ArgumentParser) -> None:
@@ -172,12 +181,12 @@ def _operation_flags(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Check every flag an operator can get wrong, in the order they are listed
     here, and raise StartupError for the first one that is."""
-    api_key, admin_key = _keys(args)
-    allow = _source_rules(args.adapter_source_allow)
-    tokenizer = _tokenizer_settings(args.tokenizer)
-    model, adapters = _model_and_adapters(args.model, list(args.adapters))
+    api_key, admin_key = read_keys(args)
+    allow = source_rules(args.adapter_source_allow)
+    tokenizer = tokenizer_settings(args.tokenizer)
+    model, adapters = model_and_adapters(args.model, list(args.adapters))
     return ServerConfig(
-        engine=_engine_config(args, model, adapters, tokenizer),
+        engine=engine_config(args, model, adapters, tokenizer),
         host=args.host,
         port=args.port,
         api_key=api_key,
@@ -192,7 +201,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def _keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
+def read_keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """(inference key, admin key); the two must differ."""
     api_key = _key(args.api_key, args.api_key_file, "--api-key", "LORAPOOL_API_KEY")
     admin_key = _key(
@@ -228,7 +237,7 @@ def _key(value: str | None, path: str | None, flag: str, env_name: str) -> str |
     return os.environ.get(env_name) or None
 
 
-def _source_rules(allow: list[str] | None) -> list[str] | None:
+def source_rules(allow: list[str] | None) -> list[str] | None:
     """The --adapter-source-allow rules, checked now so a bad one stops start-up;
     a lone 'none' allows no source at all."""
     if allow is None:
@@ -241,7 +250,7 @@ def _source_rules(allow: list[str] | None) -> list[str] | None:
     return allow
 
 
-def _tokenizer_settings(tokenizer: str | None) -> dict[str, str]:
+def tokenizer_settings(tokenizer: str | None) -> dict[str, str]:
     """EngineConfig fields for --tokenizer (none when it is not given)."""
     if not tokenizer:
         return {}
@@ -259,7 +268,7 @@ def _tokenizer_settings(tokenizer: str | None) -> dict[str, str]:
     return {"tokenizer_dir": tokenizer}
 
 
-def _model_and_adapters(model: str | None, adapters: list[str]) -> tuple[str, list[str]]:
+def model_and_adapters(model: str | None, adapters: list[str]) -> tuple[str, list[str]]:
     """The checkpoint and adapter folders; without --model, the embedded demo
     (written first if missing), said in one line on stderr."""
     if model is not None:
@@ -277,7 +286,7 @@ def _model_and_adapters(model: str | None, adapters: list[str]) -> tuple[str, li
     return str(demo.model_dir), adapters or [str(demo.adapters_dir)]
 
 
-def _engine_config(
+def engine_config(
     args: argparse.Namespace, model: str, adapters: list[str], extra: dict[str, str]
 ) -> EngineConfig:
     from lorapool.server.engine.config import EngineConfig
