@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import ray
 from ray import serve
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.config import RequestRouterConfig
 
 from lorapool import convert
 from lorapool.errors import Draining, LoraPoolError
 from lorapool.server.metrics import Metrics
+from lorapool.server.ray.fleet import merge_adapters, sum_stats
+from lorapool.server.ray.router import ReplicaRouter
 from lorapool.server.service import LoraPoolService, SourcePolicy
 from lorapool.server.transport.auth import ApiKeys, authorize
 from lorapool.v1 import lorapool_pb2 as pb
@@ -55,11 +56,9 @@ SERVICER_FUNCTIONS = [
     "lorapool.v1.lorapool_pb2_grpc.add_LoraPoolServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
-TARGET = "replica"  # keyword that pins an engine call to one replica (ReplicaRouter)
 SERVICE = pb.DESCRIPTOR.services_by_name["LoraPoolService"].full_name
 REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve's actor names: SERVE_REPLICA::app#deployment#id
 BROADCAST_TIMEOUT_S = 120.0
-STICKY_LIMIT = 10_000  # adapter ids ReplicaRouter remembers (oldest forgotten first)
 
 
 # -- errors across the actor boundary --------------------------------------------------------
@@ -95,48 +94,6 @@ class AdapterHandle:
 
     def __init__(self, adapter_id: str):
         self.adapter_id = adapter_id
-
-
-class ReplicaRouter(PowerOfTwoChoicesRequestRouter):
-    """A call with a `replica` keyword goes to that replica; the rest are routed as
-    by Serve's default router (multiplexed affinity, then power of two choices).
-
-    Serve learns which replica holds an adapter only when that replica reports it
-    (through the controller, some time after the load), so two quick requests for
-    a new adapter could land on two replicas. This router remembers where it sent
-    each adapter and prefers that replica until Serve's own table knows the
-    adapter; a busy preferred replica still falls back to the others."""
-
-    def initialize_state(self, **kwargs):
-        super().initialize_state(**kwargs)
-        self._sent_to: dict[str, str] = {}  # adapter id -> replica it was last routed to
-
-    async def choose_replicas(self, candidate_replicas, pending_request=None):
-        if pending_request is None:
-            return await super().choose_replicas(candidate_replicas, pending_request)
-        target = pending_request.kwargs.get(TARGET)
-        if target:
-            return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
-        adapter = pending_request.metadata.multiplexed_model_id
-        known = self._multiplexed_model_id_to_replica_ids.get(adapter) if adapter else True
-        if not known:
-            sent = getattr(self, "_sent_to", {}).get(adapter)
-            first = [r for r in candidate_replicas if r.replica_id.unique_id == sent]
-            if first:
-                rest = [r for r in candidate_replicas if r.replica_id.unique_id != sent]
-                return [first, rest] if rest else [first]
-        return await super().choose_replicas(candidate_replicas, pending_request)
-
-    def on_request_routed(self, pending_request, replica_id, result) -> None:
-        super().on_request_routed(pending_request, replica_id, result)
-        adapter = pending_request.metadata.multiplexed_model_id
-        if adapter:
-            if not hasattr(self, "_sent_to"):
-                self._sent_to = {}
-            self._sent_to.pop(adapter, None)
-            self._sent_to[adapter] = replica_id.unique_id
-            if len(self._sent_to) > STICKY_LIMIT:  # bounded: clients may send any id
-                del self._sent_to[next(iter(self._sent_to))]
 
 
 class LoraPoolEngine:
@@ -382,44 +339,6 @@ def _unwrap(reply, grpc_context, empty):
 
 def _first_error(replies) -> ErrorReply | None:
     return next((r for _, r in replies if isinstance(r, ErrorReply)), None)
-
-
-def merge_adapters(replies: list[tuple[str, pb.ListAdaptersResponse]]) -> pb.ListAdaptersResponse:
-    """One entry per adapter id; `replicas` names those holding its weights (state
-    HOST or DEVICE); the other fields come from the first of them (or the first
-    replica that lists it), with the usage counters summed."""
-    merged: dict[str, pb.AdapterInfo] = {}
-    held = (pb.ADAPTER_STATE_HOST, pb.ADAPTER_STATE_DEVICE)
-    for replica, reply in sorted(replies, key=lambda item: item[0]):
-        for info in reply.adapters:
-            entry = merged.get(info.adapter_id)
-            if entry is None:
-                entry = merged[info.adapter_id] = pb.AdapterInfo()
-                entry.CopyFrom(info)
-                entry.requests_served = entry.running_requests = 0
-            elif info.state in held and entry.state not in held:
-                kept = (entry.requests_served, entry.running_requests, list(entry.replicas))
-                entry.CopyFrom(info)
-                entry.requests_served, entry.running_requests = kept[0], kept[1]
-                entry.replicas[:] = kept[2]
-            entry.requests_served += info.requests_served
-            entry.running_requests += info.running_requests
-            entry.last_used = max(entry.last_used, info.last_used)
-            if info.state in held:
-                entry.replicas.append(replica)
-    return pb.ListAdaptersResponse(adapters=[merged[k] for k in sorted(merged)])
-
-
-def sum_stats(replies: list[pb.GetStatsResponse]) -> pb.GetStatsResponse:
-    """The fleet's figures: every counter summed (page_bytes is the replicas' own)."""
-    total = pb.GetStatsResponse()
-    for reply in replies:
-        for field in pb.GetStatsResponse.DESCRIPTOR.fields:
-            if field.name == "page_bytes":
-                total.page_bytes = max(total.page_bytes, reply.page_bytes)
-            else:
-                setattr(total, field.name, getattr(total, field.name) + getattr(reply, field.name))
-    return total
 
 
 # -- the application -------------------------------------------------------------------------

@@ -1,0 +1,43 @@
+"""The fleet's answers to ListAdapters and GetStats, merged from every replica's."""
+
+from __future__ import annotations
+
+from lorapool.v1 import lorapool_pb2 as pb
+
+
+def merge_adapters(replies: list[tuple[str, pb.ListAdaptersResponse]]) -> pb.ListAdaptersResponse:
+    """One entry per adapter id; `replicas` names those holding its weights (state
+    HOST or DEVICE); the other fields come from the first of them (or the first
+    replica that lists it), with the usage counters summed."""
+    merged: dict[str, pb.AdapterInfo] = {}
+    held = (pb.ADAPTER_STATE_HOST, pb.ADAPTER_STATE_DEVICE)
+    for replica, reply in sorted(replies, key=lambda item: item[0]):
+        for info in reply.adapters:
+            entry = merged.get(info.adapter_id)
+            if entry is None:
+                entry = merged[info.adapter_id] = pb.AdapterInfo()
+                entry.CopyFrom(info)
+                entry.requests_served = entry.running_requests = 0
+            elif info.state in held and entry.state not in held:
+                kept = (entry.requests_served, entry.running_requests, list(entry.replicas))
+                entry.CopyFrom(info)
+                entry.requests_served, entry.running_requests = kept[0], kept[1]
+                entry.replicas[:] = kept[2]
+            entry.requests_served += info.requests_served
+            entry.running_requests += info.running_requests
+            entry.last_used = max(entry.last_used, info.last_used)
+            if info.state in held:
+                entry.replicas.append(replica)
+    return pb.ListAdaptersResponse(adapters=[merged[k] for k in sorted(merged)])
+
+
+def sum_stats(replies: list[pb.GetStatsResponse]) -> pb.GetStatsResponse:
+    """The fleet's figures: every counter summed (page_bytes is the replicas' own)."""
+    total = pb.GetStatsResponse()
+    for reply in replies:
+        for field in pb.GetStatsResponse.DESCRIPTOR.fields:
+            if field.name == "page_bytes":
+                total.page_bytes = max(total.page_bytes, reply.page_bytes)
+            else:
+                setattr(total, field.name, getattr(total, field.name) + getattr(reply, field.name))
+    return total
