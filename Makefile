@@ -3,6 +3,7 @@
 PY      := .venv/bin/python
 VENV    := .venv/.installed
 DEMO    ?= .cache/demo
+PORT    ?= 50051
 PROTO   := protos/lorapool/v1/lorapool.proto
 
 .PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc bench-routing clean
@@ -15,7 +16,7 @@ $(VENV): pyproject.toml constraints.txt
 	touch $(VENV)
 
 run: $(VENV)
-	.venv/bin/lorapool serve
+	.venv/bin/lorapool serve --port $(PORT)
 
 test: $(VENV) lint proto-check
 	$(PY) -m pytest -q
