@@ -206,11 +206,8 @@ class AdapterManager:
     def pinned_pages(self, exclude: str = "") -> int:
         """Pool pages held by pinned resident adapters other than `exclude`: pages
         no request for another adapter can ever have."""
-        return sum(
-            r.placed.pages.numel()
-            for key, r in list(self.device.items())
-            if key != exclude and key in self.pinned_keys()
-        )
+        pinned = self.pinned_keys() - {exclude}
+        return sum(r.placed.pages.numel() for key, r in list(self.device.items()) if key in pinned)
 
     def evict_idle(self, num_pages: int, keep: Set[str] = frozenset()) -> int:
         """Free idle adapters (no running sequence, not pinned, not in keep), least
