@@ -9,7 +9,11 @@ NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish within the grac
 period, then the rest are cancelled and the server stops.
 
 Start-up problems an operator can fix (a busy port, unreadable TLS files) raise
-StartupError after closing whatever had been opened."""
+StartupError after closing whatever had been opened.
+
+TLS: `tls_cert` and `tls_key` serve TLS; `tls_client_ca` adds mutual TLS, where a
+client must present a certificate signed by that CA bundle or its handshake fails
+(the call never reaches the service, so no key or ErrorInfo is involved)."""
 
 from __future__ import annotations
 
@@ -54,8 +58,9 @@ class ServerConfig:
     admin_api_key: str | None = None  # LoadAdapter / UnloadAdapter (and everything else)
     # LoadAdapter sources allowed (SourcePolicy rules); None: the adapter roots and hf://
     adapter_source_allow: list[str] | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    tls_cert: str | None = None  # PEM certificate chain: serve TLS
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA bundle: require client certificates it signed
     metrics_port: int = 0  # 0 = no /metrics endpoint
     metrics_host: str | None = None  # default: host
     reflection: bool = True
@@ -114,9 +119,7 @@ class LoraPoolServer:
         from lorapool.server.engine.engine import Engine
 
         c = self.config
-        creds = None
-        if c.tls_cert and c.tls_key:
-            creds = grpc.ssl_server_credentials([(read_file(c.tls_key), read_file(c.tls_cert))])
+        creds = server_credentials(c)
         metrics_host = self._open_metrics()  # first: a busy port fails before the model loads
         self.port = self._add_port(c.host, c.port, creds)
         await self._set_serving(False)
@@ -228,6 +231,24 @@ class LoraPoolServer:
 
     async def wait(self) -> None:
         await self._stopped.wait()
+
+
+def server_credentials(c: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files (None: plaintext). With a client
+    CA, the handshake requires a client certificate signed by it. Raises
+    StartupError for an unreadable file or a half-given TLS configuration."""
+    if bool(c.tls_cert) != bool(c.tls_key):
+        raise StartupError("TLS needs both --tls-cert and --tls-key")
+    if c.tls_client_ca and not c.tls_cert:
+        raise StartupError("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
+    if not (c.tls_cert and c.tls_key):
+        return None
+    pair = [(read_file(c.tls_key), read_file(c.tls_cert))]
+    if not c.tls_client_ca:
+        return grpc.ssl_server_credentials(pair)
+    return grpc.ssl_server_credentials(
+        pair, root_certificates=read_file(c.tls_client_ca), require_client_auth=True
+    )
 
 
 # -- server reflection ------------------------------------------------------------------

@@ -115,6 +115,12 @@ def _security_flags(parser: argparse.ArgumentParser) -> None:
     add_source_rule_flag(parser)
     parser.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
     parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="require client certificates signed by this CA bundle (mutual TLS; needs "
+        "--tls-cert and --tls-key)",
+    )
 
 
 def add_key_flags(parser: argparse.ArgumentParser) -> None:
@@ -194,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         adapter_source_allow=allow,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         reflection=not args.no_reflection,
