@@ -19,7 +19,7 @@ from lorapool.demo.common import check_choice, write_json
 from lorapool.demo.presets import ARCHS, PRESETS
 
 STAMP_NAME = "demo.json"
-STAMP_VERSION = 1
+STAMP_VERSION = 2  # 2: the demo tokenizer has a chat template
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The demo tokenizer: byte-level BPE trained on a small built-in corpus (padded with
 pseudo-words for large vocabularies), saved so that transformers loads it as a fast
-tokenizer."""
+tokenizer, with a ChatML chat template (the format of SmolLM2 and Qwen2) so that chat
+requests work on the demo model too."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ from typing import Any
 from lorapool.demo.common import write_json
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML turn markers
+SPECIAL_TOKENS = (BOS, EOS, PAD, IM_START, IM_END)  # ids 0 to 4
+
+# ChatML, as SmolLM2-Instruct writes it (without its default system prompt): every
+# turn is `<|im_start|>role\ncontent<|im_end|>\n`, and the generation prompt opens the
+# assistant's turn. Each marker is one special token, as in the real tokenizers.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 # Deterministic training text: varied English prose, dialogue, numbers, code and a
@@ -153,7 +165,7 @@ def write_tokenizer(model_dir: Path, vocab_size: int, arch: str = "llama") -> di
     tokenizer.save(str(model_dir / "tokenizer.json"))
     ids = {
         name: tokenizer.token_to_id(tok)
-        for name, tok in zip(("bos", "eos", "pad"), SPECIAL_TOKENS, strict=True)
+        for name, tok in zip(("bos", "eos", "pad"), (BOS, EOS, PAD), strict=True)
     }
     write_json(
         model_dir / "tokenizer_config.json",
@@ -168,6 +180,7 @@ def write_tokenizer(model_dir: Path, vocab_size: int, arch: str = "llama") -> di
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000,
             "padding_side": "left",
+            "chat_template": CHAT_TEMPLATE,
         },
     )
     write_json(
