@@ -122,14 +122,17 @@ def request_from_proto(
     msg: pb.GenerateRequest | pb.CompleteRequest, request_id: str = ""
 ) -> GenerationRequest:
     """`request_id` is used when the caller sent none. Raises InvalidRequest when
-    neither prompt nor input_ids is set."""
+    none of prompt, input_ids and chat is set. A chat's messages are passed on as
+    the wire holds them (walking a huge list here would stall the event loop; the
+    engine bounds its length first, then reads it off the loop)."""
     which = msg.WhichOneof("input")
     if which is None:
-        raise InvalidRequest("set either prompt or input_ids")
+        raise InvalidRequest("set one input: prompt or input_ids or chat", field="input")
     return GenerationRequest(
         request_id=msg.request_id or request_id,
         prompt=msg.prompt if which == "prompt" else None,
         input_ids=list(msg.input_ids.ids) if which == "input_ids" else None,
+        chat=msg.chat.messages if which == "chat" else None,
         adapter_id=msg.adapter_id,
         params=params_from_proto(msg.params),
         priority=msg.priority,

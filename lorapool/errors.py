@@ -76,6 +76,14 @@ class NoTokenizer(LoraPoolError):
     reason = "NO_TOKENIZER"
 
 
+class NoChatTemplate(LoraPoolError):
+    """A chat request to a tokenizer without a chat template: nothing says how the
+    model's turns are written, so the conversation cannot be rendered."""
+
+    status = "INVALID_ARGUMENT"
+    reason = "NO_CHAT_TEMPLATE"
+
+
 class SourceNotAllowed(LoraPoolError):
     """A LoadAdapter source outside the server's allow-list."""
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class FinishReason(enum.IntEnum):
@@ -35,7 +37,12 @@ class SamplingParams:
 
 @dataclass
 class GenerationRequest:
-    """Exactly one of prompt / input_ids is set. adapter_id "" is the base model."""
+    """Exactly one of prompt / input_ids / chat is set. adapter_id "" is the base model.
+
+    chat is a conversation the engine renders with the tokenizer's chat template:
+    a sequence of {"role": ..., "content": ...} mappings, or of objects with `role`
+    and `content` attributes (the wire's ChatMessage, kept as received so that a
+    huge conversation is refused by its length before anything walks it)."""
 
     request_id: str
     prompt: str | None = None
@@ -43,6 +50,7 @@ class GenerationRequest:
     adapter_id: str = ""
     params: SamplingParams = field(default_factory=SamplingParams)
     priority: int = 0  # higher runs first and is preempted last
+    chat: Sequence[Any] | None = None
 
 
 @dataclass
