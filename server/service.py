@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 
 from lorapool import convert
-from lorapool.errors import Loading, LoraPoolError, SourceNotAllowed
+from lorapool.errors import InvalidRequest, Loading, LoraPoolError, SourceNotAllowed
 from lorapool.types import GenerationRequest, TokenEvent
 from lorapool.v1 import lorapool_pb2 as pb
 
@@ -65,7 +65,12 @@ class LoraPoolService:
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         engine = self._ready("Tokenize")
         with self._rejections("Tokenize"):
-            ids, tokens = await engine.tokenize(request.text, request.return_tokens)
+            chat = None
+            if request.HasField("chat"):  # rendered as Generate renders a chat
+                if request.text:
+                    raise InvalidRequest("set text or chat, not both", field="chat")
+                chat = request.chat.messages
+            ids, tokens = await engine.tokenize(request.text, request.return_tokens, chat=chat)
         return pb.TokenizeResponse(token_ids=ids, tokens=tokens)
 
     # -- adapters ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from lorapool.server.engine.runner import ModelRunner
 from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig
 from lorapool.server.engine.sequence import Sequence, Status
 from lorapool.server.engine.stream import RequestStream
-from lorapool.server.engine.tokenizer import load_tokenizer
+from lorapool.server.engine.tokenizer import chat_template_ids, check_chat_template, load_tokenizer
 from lorapool.server.engine.validation import (
     ADAPTER_ID,
     Limits,
@@ -176,7 +176,8 @@ class Engine:
         check_adapter_id(request.adapter_id)
         ids = self.validator.input_ids(request)
         if ids is None:
-            ids = await self._tokenize(request.prompt)
+            chat = request.chat
+            ids = await (self._tokenize(request.prompt) if chat is None else self._render(chat))
             self._check_admissible(request)  # the server may have changed meanwhile
         self.validator.check(request, ids)
         self._check_fits_beside_pins(request, ids)
@@ -265,10 +266,17 @@ class Engine:
         """callback(seconds) after every completed adapter load (for metrics)."""
         self.adapters.on_load = callback
 
-    async def tokenize(self, text: str, return_tokens: bool = False) -> tuple[list[int], list[str]]:
-        """Token ids (and token strings) of text, bounded like a prompt."""
-        self.validator.check_text(text, "text")
-        ids = await self._tokenize(text)
+    async def tokenize(
+        self, text: str, return_tokens: bool = False, chat=None
+    ) -> tuple[list[int], list[str]]:
+        """Token ids (and token strings) of text, or of chat rendered as generate
+        renders it, bounded like a prompt."""
+        if chat is None:
+            self.validator.check_text(text, "text")
+            ids = await self._tokenize(text)
+        else:
+            self.validator.check_chat_length(chat)
+            ids = await self._render(chat)
         return ids, (self.tokenizer.convert_ids_to_tokens(ids) if return_tokens else [])
 
     async def _tokenize(self, text: str) -> list[int]:
@@ -277,6 +285,18 @@ class Engine:
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(self._tokenize_executor, self.tokenizer, text)
         return encoded["input_ids"]
+
+    async def _render(self, chat) -> list[int]:
+        """chat's token ids through the tokenizer's chat template. Checking and
+        rendering walk every message: on the tokenizer thread, like a prompt."""
+        if self.tokenizer is None:
+            raise NoTokenizer(_NO_TOKENIZER + "; a chat needs one (send input_ids instead)")
+        check_chat_template(self.tokenizer)
+
+        def render() -> list[int]:
+            return chat_template_ids(self.tokenizer, self.validator.chat_messages(chat))
+
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_executor, render)
 
     def clear_prefix_cache(self) -> int:
         return self.blocks.clear_cache()

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lorapool.errors import InvalidRequest
 from lorapool.types import GenerationRequest
@@ -17,6 +18,8 @@ GREEDY_BELOW = 1e-5
 MAX_STOP_TOKEN_IDS = 1024
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 1024
+# Roles a chat message may have (a template may still refuse one, e.g. "system").
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class RequestValidator:
         length: a huge prompt is refused before it is tokenized) must be tokenized.
         Length bounds come first, so nothing scans or tokenizes a hostile size."""
         lim = self.limits
+        if request.chat is not None:
+            self.check_chat_length(request.chat)
+            return None
         if len(request.input_ids or ()) > lim.max_model_len:
             raise InvalidRequest(
                 f"input_ids has {len(request.input_ids)} tokens; the context holds "
@@ -97,6 +103,43 @@ class RequestValidator:
                 f"{self.limits.max_model_len} tokens can hold; shorten it",
                 field=what,
             )
+
+    def check_chat_length(self, chat: Sequence[Any]) -> None:
+        """A chat has at least one message and no more than the context has tokens
+        (a template writes every turn as one token at least). Only the count is
+        read, so a conversation of any size is refused at once, on the event loop."""
+        if not chat:
+            raise InvalidRequest("chat has no messages; send at least one", field="chat.messages")
+        if len(chat) > self.limits.max_model_len:
+            raise InvalidRequest(
+                f"chat has {len(chat)} messages; the context of {self.limits.max_model_len} "
+                "tokens cannot hold that many turns",
+                field="chat.messages",
+            )
+
+    def chat_messages(self, chat: Sequence[Any]) -> list[dict[str, str]]:
+        """The conversation as chat templates take it, {"role", "content"} dicts,
+        checked: every role one of CHAT_ROLES, and all contents together no longer
+        than a prompt may be. Walks every message, so it runs off the event loop,
+        after check_chat_length has bounded their number."""
+        messages, chars = [], 0
+        for i, message in enumerate(chat):
+            role, content = _role_and_content(message, i)
+            if role not in CHAT_ROLES:
+                raise InvalidRequest(
+                    f"chat.messages[{i}].role {_shown(role)} is not one of {', '.join(CHAT_ROLES)}",
+                    field=f"chat.messages[{i}].role",
+                )
+            chars += len(content)
+            if chars > self.limits.max_prompt_chars:
+                raise InvalidRequest(
+                    f"the chat's messages hold more than {self.limits.max_prompt_chars} "
+                    f"characters, more than the context of {self.limits.max_model_len} tokens "
+                    "can hold; shorten them",
+                    field="chat.messages",
+                )
+            messages.append({"role": role, "content": content})
+        return messages
 
     def check(self, request: GenerationRequest, ids: list[int]) -> None:
         """Sampling values and the request's size against the context and the pool."""
@@ -151,3 +194,23 @@ class RequestValidator:
                 f"({lim.total_pages} pages of {lim.block_size} tokens)",
                 field="params.max_new_tokens",
             )
+
+
+def _role_and_content(message: Any, i: int) -> tuple[str, str]:
+    """A message's role and content: a mapping's keys, or a ChatMessage's fields."""
+    if isinstance(message, Mapping):
+        role, content = message.get("role"), message.get("content")
+    else:
+        role, content = getattr(message, "role", None), getattr(message, "content", None)
+    if not isinstance(role, str) or not isinstance(content, str):
+        raise InvalidRequest(
+            f"chat.messages[{i}] needs a role and a content, both strings",
+            field=f"chat.messages[{i}]",
+        )
+    return role, content
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """A client's string, quoted, escaped and cut, for an error message."""
+    text = repr(value[:limit].encode("unicode_escape").decode("ascii"))
+    return text + ("..." if len(value) > limit else "")
