@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -147,6 +148,41 @@ def test_each_adapters_requests_stay_on_one_replica(cluster):
     assert not listed["adapter-019"].replicas  # never used: held nowhere
 
 
+def _fleet_stats(stub) -> pb.GetStatsResponse:
+    return stub.GetStats(pb.GetStatsRequest(), timeout=30)
+
+
+def test_cancelled_streams_stop_on_their_replicas(cluster):
+    """Serve's proxy alone lets about half of cancelled streams run on; here every
+    cancelled Generate is aborted on its replica: nothing runs or waits, no KV page
+    stays taken, and far fewer tokens are generated than the streams asked for."""
+    stub = cluster.stub
+    long = pb.SamplingParams(max_new_tokens=1900, temperature=0.0, ignore_eos=True)
+    before = _fleet_stats(stub).generated_tokens
+    calls = []
+    for i in range(16):
+        request = pb.GenerateRequest(adapter_id=ADAPTERS[i % 4], prompt=PROMPTS[i % 2], params=long)
+        call = stub.Generate(request, timeout=120)
+        next(call)  # generating on its replica
+        calls.append(call)
+    assert _fleet_stats(stub).running_requests + _fleet_stats(stub).waiting_requests > 0
+    for call in calls:
+        call.cancel()
+    deadline = time.monotonic() + 5.0
+    while True:
+        stats = _fleet_stats(stub)
+        idle = stats.running_requests == 0 and stats.waiting_requests == 0
+        if (idle and stats.kv_pages == 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for replica in stats.replicas:
+        own = replica.stats
+        assert (own.running_requests, own.waiting_requests, own.kv_pages) == (0, 0, 0), own
+        assert own.free_pages + own.cached_pages + own.adapter_pages == own.total_pages
+    generated = stats.generated_tokens - before
+    assert generated < len(calls) * long.max_new_tokens // 4, generated
+
+
 def _error(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as caught:
         result = call()
@@ -202,6 +238,27 @@ def test_stats_sum_the_fleet_and_health_serves(cluster):
     )
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_stats_list_each_replica_and_sum_to_the_fleet(cluster):
+    stub = cluster.stub
+    for adapter in ("adapter-012", "adapter-013", "adapter-014"):
+        stub.Complete(_request(adapter, PROMPTS[0], pb.CompleteRequest), timeout=60)
+    stats = stub.GetStats(pb.GetStatsRequest())
+    listed = stub.ListAdapters(pb.ListAdaptersRequest()).adapters
+    ids = [r.replica_id for r in stats.replicas]
+    assert len(ids) == REPLICAS and len(set(ids)) == REPLICAS and all(ids)
+    assert {r for a in listed for r in a.replicas} <= set(ids)  # the same replica ids
+    for field in ("total_pages", "free_pages", "adapter_loads", "generated_tokens", "steps"):
+        assert getattr(stats, field) == sum(getattr(r.stats, field) for r in stats.replicas)
+    assert stats.adapter_loads >= 3  # each adapter placed on the device at least once
+    for replica in stats.replicas:
+        assert not replica.stats.replicas
+        assert replica.stats.total_pages == stats.total_pages // REPLICAS
+        own = replica.stats
+        assert own.free_pages + own.kv_pages + own.cached_pages + own.adapter_pages == (
+            own.total_pages
+        )
 
 
 # -- API keys -----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ to that replica and every other call the default way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ APP_NAME = "lorapool"
 ENGINE_NAME = "LoraPoolEngine"
 INGRESS_NAME = "LoraPoolIngress"
 SERVICER_FUNCTIONS = [
+    "lorapool.server.ray.proxy.cancel_streams_on_disconnect",  # first: wraps what follows
     "lorapool.v1.lorapool_pb2_grpc.add_LoraPoolServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
@@ -151,8 +153,11 @@ class LoraPoolEngine:
     async def generate(self, request: pb.GenerateRequest):
         try:
             service = await self._with_adapter(request.adapter_id)
-            async for reply in service.generate(request):
-                yield reply
+            # closed here, whether the stream ends, fails or is cancelled: the
+            # engine aborts the request and frees its pages at once
+            async with contextlib.aclosing(service.generate(request)) as replies:
+                async for reply in replies:
+                    yield reply
         except LoraPoolError as exc:
             yield ErrorReply.of(exc)
 
@@ -231,14 +236,21 @@ class LoraPoolIngress:
             yield pb.GenerateResponse()  # the context travels beside a message (see below)
             return
         stream = self._route(request.adapter_id).options(stream=True).generate.remote(request)
-        async for reply in stream:
-            if isinstance(reply, ErrorReply):
-                # Serve carries a context only beside a message: the error travels
-                # with one empty GenerateResponse, then the stream ends with it.
-                reply.set_on(grpc_context)
-                yield pb.GenerateResponse()
-                return
-            yield reply
+        finished = False
+        try:
+            async for reply in stream:
+                if isinstance(reply, ErrorReply):
+                    # Serve carries a context only beside a message: the error travels
+                    # with one empty GenerateResponse, then the stream ends with it.
+                    reply.set_on(grpc_context)
+                    finished = True
+                    yield pb.GenerateResponse()
+                    return
+                yield reply
+            finished = True
+        finally:
+            if not finished:  # cancelled or closed early: stop the engine replica too
+                stream.cancel()
 
     async def Complete(self, request: pb.CompleteRequest, grpc_context):
         if self._refused("Complete", grpc_context):
@@ -306,7 +318,7 @@ class LoraPoolIngress:
         error = _first_error(replies)
         if error is not None:
             return _unwrap(error, grpc_context, pb.GetStatsResponse)
-        return sum_stats([reply for _, reply in replies])
+        return sum_stats(replies)
 
     async def _broadcast(self, method: str, *args) -> list[tuple[str, Any]]:
         """(replica id, reply or ErrorReply) from every engine replica."""

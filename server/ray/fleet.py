@@ -31,13 +31,21 @@ def merge_adapters(replies: list[tuple[str, pb.ListAdaptersResponse]]) -> pb.Lis
     return pb.ListAdaptersResponse(adapters=[merged[k] for k in sorted(merged)])
 
 
-def sum_stats(replies: list[pb.GetStatsResponse]) -> pb.GetStatsResponse:
-    """The fleet's figures: every counter summed (page_bytes is the replicas' own)."""
+def sum_stats(replies: list[tuple[str, pb.GetStatsResponse]]) -> pb.GetStatsResponse:
+    """The fleet's figures: every scalar counter summed over the replicas
+    (page_bytes is one replica's: they share a model), and `replicas` holding each
+    replica's own stats, sorted by replica id."""
     total = pb.GetStatsResponse()
-    for reply in replies:
+    for replica, reply in sorted(replies, key=lambda item: item[0]):
         for field in pb.GetStatsResponse.DESCRIPTOR.fields:
+            if field.is_repeated:
+                continue
             if field.name == "page_bytes":
                 total.page_bytes = max(total.page_bytes, reply.page_bytes)
             else:
                 setattr(total, field.name, getattr(total, field.name) + getattr(reply, field.name))
+        own = pb.GetStatsResponse()
+        own.CopyFrom(reply)
+        del own.replicas[:]
+        total.replicas.add(replica_id=replica, stats=own)
     return total
