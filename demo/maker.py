@@ -3,19 +3,16 @@ reused while its stamp matches, with a file lock for concurrent writers."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lorapool.demo.adapters import MIXES, adapter_complete, adapter_name, make_adapters
 from lorapool.demo.checkpoint import model_complete, write_model
-from lorapool.demo.common import check_choice, write_json
+from lorapool.demo.common import cache_root, check_choice, env_dir, locked, write_json
 from lorapool.demo.presets import ARCHS, PRESETS
 
 STAMP_NAME = "demo.json"
@@ -37,13 +34,7 @@ def default_demo_dir() -> Path:
     used for development) it is `<repo>/.cache/demo`, next to the code and already
     git-ignored; for an installed package it is `~/.cache/lorapool/demo`.
     """
-    env = os.environ.get("LORAPOOL_DEMO_DIR")
-    if env:
-        return Path(env).expanduser()
-    repo = Path(__file__).resolve().parent.parent
-    if (repo / "pyproject.toml").is_file() and (repo / "demo" / "maker.py").is_file():
-        return repo / ".cache" / "demo"
-    return Path.home() / ".cache" / "lorapool" / "demo"
+    return env_dir("LORAPOOL_DEMO_DIR", cache_root() / "demo")
 
 
 def make_demo(
@@ -67,7 +58,7 @@ def make_demo(
     if _is_complete(paths, params):
         return paths
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / ".lock"):
+    with locked(root / ".lock"):
         if not _is_complete(paths, params):  # else another process finished it meanwhile
             _rewrite(paths, params)
     return paths
@@ -140,13 +131,3 @@ def _rewrite(paths: DemoPaths, params: dict[str, Any]) -> None:
         seed=params["seed"],
     )
     write_json(paths.root / STAMP_NAME, params)
-
-
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
