@@ -37,7 +37,12 @@ from lorapool.client.channel import (
     open_channel,
 )
 from lorapool.client.errors import LoraPoolClientError, rpc_errors
-from lorapool.client.requests import SamplingKwargs, generation_request
+from lorapool.client.requests import (
+    ChatMessageLike,
+    SamplingKwargs,
+    generation_request,
+    tokenize_request,
+)
 from lorapool.convert import (
     Completion,
     ModelInfo,
@@ -55,12 +60,17 @@ from lorapool.v1 import lorapool_pb2_grpc as pb_grpc
 __all__ = [
     "DEFAULT_TARGET",
     "AsyncLoraPoolClient",
+    "ChatMessageLike",
     "LoraPoolClient",
     "LoraPoolClientError",
     "SamplingKwargs",
     "SamplingParams",
     "generation_request",
 ]
+
+
+# A conversation: {"role", "content"} dicts or ChatMessage messages, or a Chat.
+Chat = Sequence[ChatMessageLike] | pb.Chat
 
 
 @dataclass(frozen=True)
@@ -113,54 +123,8 @@ class _ClientBase:
 
     # -- each RPC once ---------------------------------------------------------------------
 
-    def _open_generate(
-        self,
-        prompt: str | None,
-        input_ids: Sequence[int] | None,
-        adapter_id: str,
-        request_id: str,
-        priority: int,
-        timeout: float | None,
-        sampling: dict[str, Any],
-        params: SamplingParams | None = None,
-    ) -> Any:
-        request = generation_request(
-            pb.GenerateRequest,
-            prompt,
-            input_ids,
-            adapter_id,
-            request_id,
-            priority,
-            sampling,
-            params,
-        )
-        return self._call(self.stub.Generate, request, timeout)
-
-    def _complete_call(
-        self,
-        prompt: str | None,
-        input_ids: Sequence[int] | None,
-        adapter_id: str,
-        request_id: str,
-        priority: int,
-        sampling: dict[str, Any],
-        params: SamplingParams | None = None,
-    ) -> _Unary:
-        request = generation_request(
-            pb.CompleteRequest,
-            prompt,
-            input_ids,
-            adapter_id,
-            request_id,
-            priority,
-            sampling,
-            params,
-        )
-        return _Unary(self.stub.Complete, request, completion_from_proto)
-
-    def _tokenize_call(self, text: str, return_tokens: bool) -> _Unary:
-        request = pb.TokenizeRequest(text=text, return_tokens=return_tokens)
-        return _Unary(self.stub.Tokenize, request, _tokenized)
+    def _tokenize_call(self, text: str | None, chat: Chat | None, return_tokens: bool) -> _Unary:
+        return _Unary(self.stub.Tokenize, tokenize_request(text, chat, return_tokens), _tokenized)
 
     def _load_adapter_call(self, adapter_id: str, source: str, pin: bool) -> _Unary:
         request = pb.LoadAdapterRequest(adapter_id=adapter_id, source=source, pin=pin)
@@ -221,6 +185,7 @@ class LoraPoolClient(_ClientBase):
         prompt: str | None = None,
         *,
         input_ids: Sequence[int] | None = None,
+        chat: Chat | None = None,
         adapter_id: str = "",
         request_id: str = "",
         priority: int = 0,
@@ -230,25 +195,30 @@ class LoraPoolClient(_ClientBase):
     ) -> Iterator[TokenEvent]:
         """Yield TokenEvents as the server streams them; the last one has
         finish_reason, usage and the request_id. Stopping the iteration early
-        cancels the call. Sampling: `sampling=SamplingParams(...)` (sent whole) or,
+        cancels the call. Input: one of `prompt`, `input_ids`, or `chat`, a list
+        of {"role": ..., "content": ...} dicts (or ChatMessage messages) that the
+        server renders with the model's chat template, the assistant's turn
+        opened. Sampling: `sampling=SamplingParams(...)` (sent whole) or,
         deprecated but supported, keyword arguments (only those given are sent)."""
-        call = self._open_generate(
+        request = generation_request(
+            pb.GenerateRequest,
             prompt,
             input_ids,
             adapter_id,
             request_id,
             priority,
-            timeout,
             dict(sampling_kwargs),
             sampling,
+            chat=chat,
         )
-        return _stream(call)
+        return _stream(self._call(self.stub.Generate, request, timeout))
 
     def complete(
         self,
         prompt: str | None = None,
         *,
         input_ids: Sequence[int] | None = None,
+        chat: Chat | None = None,
         adapter_id: str = "",
         request_id: str = "",
         priority: int = 0,
@@ -257,16 +227,32 @@ class LoraPoolClient(_ClientBase):
         **sampling_kwargs: Unpack[SamplingKwargs],
     ) -> Completion:
         """The whole generation in one reply, with the request_id it ran under.
-        Sampling as in generate."""
-        unary = self._complete_call(
-            prompt, input_ids, adapter_id, request_id, priority, dict(sampling_kwargs), sampling
+        Input and sampling as in generate."""
+        request = generation_request(
+            pb.CompleteRequest,
+            prompt,
+            input_ids,
+            adapter_id,
+            request_id,
+            priority,
+            dict(sampling_kwargs),
+            sampling,
+            chat=chat,
         )
+        unary = _Unary(self.stub.Complete, request, completion_from_proto)
         return self._send(unary, timeout)
 
     def tokenize(
-        self, text: str, *, return_tokens: bool = False, timeout: float | None = None
+        self,
+        text: str | None = None,
+        *,
+        chat: Chat | None = None,
+        return_tokens: bool = False,
+        timeout: float | None = None,
     ) -> Tokenized:
-        return self._send(self._tokenize_call(text, return_tokens), timeout)
+        """The token ids of text, or of chat rendered with the model's chat
+        template exactly as generate renders it (give one of the two)."""
+        return self._send(self._tokenize_call(text, chat, return_tokens), timeout)
 
     def load_adapter(
         self, adapter_id: str, source: str = "", *, pin: bool = False, timeout: float | None = None
@@ -321,6 +307,7 @@ class AsyncLoraPoolClient(_ClientBase):
         prompt: str | None = None,
         *,
         input_ids: Sequence[int] | None = None,
+        chat: Chat | None = None,
         adapter_id: str = "",
         request_id: str = "",
         priority: int = 0,
@@ -329,17 +316,19 @@ class AsyncLoraPoolClient(_ClientBase):
         **sampling_kwargs: Unpack[SamplingKwargs],
     ) -> AsyncIterator[TokenEvent]:
         """Async-iterate the streamed TokenEvents; leaving the loop early cancels.
-        Sampling as in LoraPoolClient.generate."""
-        call = self._open_generate(
+        Input and sampling as in LoraPoolClient.generate."""
+        request = generation_request(
+            pb.GenerateRequest,
             prompt,
             input_ids,
             adapter_id,
             request_id,
             priority,
-            timeout,
             dict(sampling_kwargs),
             sampling,
+            chat=chat,
         )
+        call = self._call(self.stub.Generate, request, timeout)
         with rpc_errors(call):
             async for msg in call:
                 yield event_from_proto(msg)
@@ -349,6 +338,7 @@ class AsyncLoraPoolClient(_ClientBase):
         prompt: str | None = None,
         *,
         input_ids: Sequence[int] | None = None,
+        chat: Chat | None = None,
         adapter_id: str = "",
         request_id: str = "",
         priority: int = 0,
@@ -356,16 +346,31 @@ class AsyncLoraPoolClient(_ClientBase):
         sampling: SamplingParams | None = None,
         **sampling_kwargs: Unpack[SamplingKwargs],
     ) -> Completion:
-        """The whole generation in one reply; sampling as in generate."""
-        unary = self._complete_call(
-            prompt, input_ids, adapter_id, request_id, priority, dict(sampling_kwargs), sampling
+        """The whole generation in one reply; input and sampling as in generate."""
+        request = generation_request(
+            pb.CompleteRequest,
+            prompt,
+            input_ids,
+            adapter_id,
+            request_id,
+            priority,
+            dict(sampling_kwargs),
+            sampling,
+            chat=chat,
         )
+        unary = _Unary(self.stub.Complete, request, completion_from_proto)
         return await self._send(unary, timeout)
 
     async def tokenize(
-        self, text: str, *, return_tokens: bool = False, timeout: float | None = None
+        self,
+        text: str | None = None,
+        *,
+        chat: Chat | None = None,
+        return_tokens: bool = False,
+        timeout: float | None = None,
     ) -> Tokenized:
-        return await self._send(self._tokenize_call(text, return_tokens), timeout)
+        """As LoraPoolClient.tokenize."""
+        return await self._send(self._tokenize_call(text, chat, return_tokens), timeout)
 
     async def load_adapter(
         self, adapter_id: str, source: str = "", *, pin: bool = False, timeout: float | None = None

@@ -111,6 +111,17 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     if name in ("generate", "complete"):
         parser.add_argument("prompt", nargs="?", help="prompt text; '-' or omitted reads stdin")
         parser.add_argument("--input-ids", type=parse_ids, help="token ids instead of a prompt")
+        parser.add_argument(
+            "--chat",
+            metavar="MESSAGE",
+            help="instead of a prompt: MESSAGE as the user's turn of a chat, rendered with "
+            "the model's chat template ('-' reads stdin)",
+        )
+        parser.add_argument(
+            "--system",
+            metavar="TEXT",
+            help="with --chat: a system turn before the user's (default: none)",
+        )
         parser.add_argument("--adapter", default="", help="adapter id; '' = the base model")
         parser.add_argument(
             "--priority", type=int, default=0, help="higher runs first, is preempted last"
@@ -171,15 +182,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _input(args: argparse.Namespace) -> dict[str, Any]:
+    given = [args.prompt is not None, args.input_ids is not None, args.chat is not None]
+    if sum(given) > 1:
+        raise ValueError("give one of a prompt, --input-ids or --chat")
+    if args.system is not None and args.chat is None:
+        raise ValueError("--system goes with --chat")
     if args.input_ids is not None:
-        if args.prompt is not None:
-            raise ValueError("give a prompt or --input-ids, not both")
         return {"input_ids": args.input_ids}
-    if args.prompt is None or args.prompt == "-":
-        if sys.stdin.isatty():
-            raise ValueError("no prompt: pass one, pipe it on stdin, or use --input-ids")
-        return {"prompt": sys.stdin.read()}
-    return {"prompt": args.prompt}
+    if args.chat is not None:
+        chat = [{"role": "user", "content": _text(args.chat, "--chat")}]
+        if args.system is not None:
+            chat.insert(0, {"role": "system", "content": args.system})
+        return {"chat": chat}
+    return {"prompt": _text(args.prompt, "prompt")}
+
+
+def _text(value: str | None, what: str) -> str:
+    """value, or stdin when it is '-' or missing."""
+    if value is not None and value != "-":
+        return value
+    if sys.stdin.isatty():
+        raise ValueError(f"no {what}: pass one, pipe it on stdin, or use --input-ids or --chat")
+    return sys.stdin.read()
 
 
 def _request_kwargs(args: argparse.Namespace) -> dict[str, Any]:
