@@ -206,6 +206,36 @@ def test_a_huge_tokenize_is_refused_at_once(stub, expected):
     assert len(ok.token_ids) == len(ok.tokens) > 0
 
 
+@pytest.mark.parametrize(
+    "messages, words",
+    [
+        ([pb.ChatMessage(role="user", content="hi")] * 100_000, "chat has 100000 messages"),
+        ([pb.ChatMessage(role="user", content="w7 " * 3_500_000)], "characters"),
+    ],
+    ids=["1e5-messages", "10MB-content"],
+)
+def test_a_huge_chat_is_refused_at_once(stub, expected, messages, words):
+    """A conversation no context can hold is refused by its size, before the chat
+    template or the tokenizer sees it, and harms nobody."""
+
+    def chat(stub):
+        request = pb.GenerateRequest(chat=pb.Chat(messages=messages))
+        started = time.monotonic()
+        try:
+            return stream_tokens(stub, request)
+        finally:
+            chat.seconds = time.monotonic() - started
+
+    outcome = beside_a_greedy_stream(stub, expected, chat)
+    assert isinstance(outcome, grpc.RpcError)
+    assert outcome.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in outcome.details()
+    assert error_info(outcome.trailing_metadata()).metadata["field"] == "chat.messages"
+    assert chat.seconds < 5, "refused at once"
+    small = pb.Chat(messages=[pb.ChatMessage(role="user", content="river stone")])
+    assert stub.Tokenize(pb.TokenizeRequest(chat=small), timeout=30).token_ids
+
+
 async def test_a_checkpoint_without_tokenizer_serves_token_ids(make_engine, tiny_demo, tmp_path):
     """Token-id requests are served; prompts, stop strings and Tokenize are refused
     with FAILED_PRECONDITION saying why; --tokenizer names another directory's."""
