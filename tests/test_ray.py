@@ -451,3 +451,114 @@ def test_serve_ray_reads_keys_as_serve_does(tmp_path):
         )
         assert done.returncode == 2, done.stderr
         assert message in done.stderr, done.stderr
+
+
+# -- --host, --address and the signal path, without starting Ray --------------------------------
+
+
+class _Server:
+    """What Serve's add_grpc_address is given: records the addresses added."""
+
+    def __init__(self):
+        self.addresses = []
+
+    def add_insecure_port(self, address):
+        self.addresses.append(address)
+
+
+@pytest.mark.parametrize(
+    ("host", "bound"),
+    [("127.0.0.1", "127.0.0.1:9"), ("::1", "[::1]:9"), ("0.0.0.0", "[::]:9"), ("", "[::]:9")],
+)
+def test_grpc_host_hook_rebinds_serves_proxy(monkeypatch, host, bound):
+    """The worker hook that `--host` installs makes Serve's own start_grpc_server
+    bind the given address (Serve binds [::] otherwise)."""
+    from ray.serve._private import default_impl
+
+    from lorapool.server.ray.proxy import HOST_ENV, bind_grpc_host
+
+    monkeypatch.setattr(default_impl, "add_grpc_address", default_impl.add_grpc_address)
+    monkeypatch.setenv(HOST_ENV, host)
+    bind_grpc_host()
+    server = _Server()
+    default_impl.add_grpc_address(server, "[::]:9")
+    assert server.addresses == [bound]
+
+
+def test_serve_ray_flags_reach_deploy_and_sigterm_drains(tiny_demo, monkeypatch):
+    """--address, --host, --routing, --grace and the replica options reach deploy;
+    SIGTERM drains for --grace, then shuts down (mocked cluster functions)."""
+    import os
+    import signal
+    import threading
+
+    from lorapool.client.cli import command_parser
+    from lorapool.server.ray import cli, cluster
+
+    calls = []
+
+    def deploy(engine, **kwargs):
+        calls.append(("deploy", kwargs))
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    monkeypatch.setattr(cluster, "deploy", deploy)
+    monkeypatch.setattr(cluster, "drain", lambda grace: calls.append(("drain", grace)) or 0)
+    monkeypatch.setattr(cluster, "shutdown", lambda: calls.append(("shutdown", None)))
+    flags = [
+        *("--model", str(tiny_demo.model_dir), "--adapters", str(tiny_demo.adapters_dir)),
+        *("--replicas", "3", "--replica-cpus", "2", "--port", str(free_port())),
+        *("--address", "ray://head:10001", "--host", "127.0.0.1", "--routing", "random"),
+        *("--grace", "7"),
+    ]
+    args = command_parser("serve-ray", cli).parse_args(flags)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        assert cli.run(args) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    (_, kwargs), drained, shut = calls
+    assert kwargs["address"] == "ray://head:10001" and kwargs["host"] == "127.0.0.1"
+    assert (kwargs["replicas"], kwargs["replica_cpus"], kwargs["routing"]) == (3, 2.0, "random")
+    assert drained == ("drain", 7.0) and shut == ("shutdown", None)
+
+
+# -- drain: must stay the module's last test (the shared cluster refuses work after it) --------
+
+
+def test_drain_finishes_streams_and_health_says_not_serving(cluster):
+    """What SIGTERM does: Health/Watch and Check turn NOT_SERVING, new requests get
+    UNAVAILABLE / DRAINING, and a stream under way finishes whole within the grace
+    period."""
+    import threading
+
+    from lorapool.server.ray.cluster import drain
+
+    health = health_pb2_grpc.HealthStub(cluster.channel)
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=120)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    params = pb.SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+    stream = cluster.stub.Generate(
+        pb.GenerateRequest(adapter_id="adapter-015", prompt=PROMPTS[0], params=params), timeout=120
+    )
+    received = [next(stream)]
+    left = []
+    draining = threading.Thread(target=lambda: left.append(drain(30.0)))
+    draining.start()
+    try:
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health.Check(health_pb2.HealthCheckRequest()).status == (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        refused = _request("adapter-015", PROMPTS[1], pb.CompleteRequest)
+        assert _error(lambda: cluster.stub.Complete(refused, timeout=30)) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "DRAINING",
+        )
+        received += list(stream)
+    finally:
+        watch.cancel()
+        draining.join(timeout=60)
+    assert sum(len(m.token_ids) for m in received) == params.max_new_tokens
+    assert received[-1].finish_reason == pb.FINISH_REASON_LENGTH
+    assert left == [0]

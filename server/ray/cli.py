@@ -30,16 +30,30 @@ log = logging.getLogger("lorapool.ray")
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_model_flags(parser)
     parser.add_argument("--replicas", type=int, default=2, help="engine replicas")
-    parser.add_argument("--port", type=int, default=50051, help="gRPC port (all interfaces)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port")
     parser.add_argument(
-        "--http-port", type=int, default=8000, help="Serve's HTTP proxy port (127.0.0.1)"
+        "--host",
+        default="0.0.0.0",
+        help="address the gRPC proxy listens on (0.0.0.0: every interface), e.g. 127.0.0.1",
     )
+    parser.add_argument("--http-port", type=int, default=8000, help="Serve's HTTP proxy port")
+    parser.add_argument("--http-host", default="127.0.0.1", help="Serve's HTTP proxy address")
     parser.add_argument(
         "--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per engine replica"
     )
     parser.add_argument(
-        "--address", help="join this Ray cluster (default: start a local Ray instance)"
+        "--address",
+        help="join this Ray cluster: auto, or ray://head:10001 (default: start a local Ray "
+        "instance)",
     )
+    parser.add_argument(
+        "--routing",
+        choices=("affinity", "random"),
+        default="affinity",
+        help="affinity: an adapter's requests go to replicas holding it; random: by load "
+        "only (for comparison)",
+    )
+    parser.add_argument("--grace", type=float, default=30.0, help="drain period on SIGTERM (s)")
     add_engine_flags(parser)
     add_source_rule_flag(parser)
     add_key_flags(parser)
@@ -65,12 +79,14 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = tokenizer_settings(args.tokenizer)
         model, adapters = model_and_adapters(args.model, list(args.adapters))
         engine = engine_config(args, model, adapters, tokenizer)
-        probe_port("gRPC", "0.0.0.0", args.port)
+        if args.grace < 0:
+            raise StartupError("--grace must be at least 0")
+        probe_port("gRPC", args.host, args.port)
     except StartupError as exc:
         print(f"lorapool serve-ray: {exc}", file=sys.stderr, flush=True)
         return 2
 
-    from lorapool.server.ray.cluster import deploy, shutdown
+    from lorapool.server.ray.cluster import deploy, drain, shutdown
 
     stop = threading.Event()
     try:
@@ -84,19 +100,24 @@ def run(args: argparse.Namespace) -> int:
             source_allow=allow,
             api_key=api_key,
             admin_api_key=admin_key,
+            routing=args.routing,
+            host=args.host,
+            http_host=args.http_host,
         )
         # after ray.init, whose own SIGTERM handler would end the process at once
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         keys = "API keys checked" if api_key or admin_key else "no API key: every RPC open"
         print(
-            f"lorapool serve-ray: {args.replicas} replicas on port {args.port} ({keys})",
+            f"lorapool serve-ray: {args.replicas} replicas on {args.host}:{args.port} ({keys})",
             file=sys.stderr,
             flush=True,
         )
         while not stop.wait(1.0):
             pass
-        log.info("signal received: shutting down")
+        log.info("signal received: draining for up to %.0fs", args.grace)
+        left = drain(args.grace)
+        log.info("drained (%d calls still under way): shutting down", left)
     finally:
         shutdown()
     print("lorapool serve-ray: stopped", file=sys.stderr, flush=True)

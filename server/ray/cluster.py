@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import TYPE_CHECKING
 
 from lorapool.server.ray.deployments import APP_NAME, SERVICER_FUNCTIONS, build_app
+from lorapool.server.ray.proxy import HOST_ENV, WILDCARDS
 
 if TYPE_CHECKING:
     from lorapool.server.engine.config import EngineConfig
@@ -16,6 +18,7 @@ log = logging.getLogger("lorapool.ray")
 
 ROUTE_PREFIX = f"/{APP_NAME}"  # with one application, gRPC calls need no `application` key
 INGRESS_CPUS = 0.1
+DELIVERY_S = 0.5
 
 
 def local_cpus(replicas: int, replica_cpus: float) -> int:
@@ -37,24 +40,38 @@ def deploy(
     num_cpus: int | None = None,
     api_key: str | None = None,
     admin_api_key: str | None = None,
+    routing: str = "affinity",
+    host: str = "0.0.0.0",
+    http_host: str = "127.0.0.1",
 ) -> None:
-    """Start (or join) Ray, start Serve with the gRPC proxy on `port` and run the
-    application; returns once every replica is ready."""
+    """Start (or join) Ray, start Serve with the gRPC proxy on host:port and run
+    the application; returns once every replica is ready. Serve has no option for
+    the gRPC proxy's address: a host other than every interface travels to the
+    proxy's process in the job's runtime_env (proxy.bind_grpc_host), so it holds
+    for proxies this job starts, not for a Serve instance already running on a
+    joined cluster. http_host is where Serve's HTTP proxy listens."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     if not ray.is_initialized():
+        runtime_env = {}
+        if host not in WILDCARDS:
+            runtime_env = {
+                "env_vars": {HOST_ENV: host},
+                "worker_process_setup_hook": "lorapool.server.ray.proxy.bind_grpc_host",
+            }
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env or None)
         else:
             ray.init(
                 num_cpus=num_cpus or local_cpus(replicas, replica_cpus),
                 include_dashboard=False,
                 log_to_driver=False,
+                runtime_env=runtime_env or None,
             )
     serve.start(
-        http_options=HTTPOptions(host="127.0.0.1", port=http_port),
+        http_options=HTTPOptions(host=http_host, port=http_port),
         grpc_options=gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS),
     )
     app = build_app(
@@ -65,9 +82,22 @@ def deploy(
         source_allow=source_allow,
         api_key=api_key,
         admin_api_key=admin_api_key,
+        routing=routing,
     )
     serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX)
-    log.info("serving %d engine replicas on gRPC port %d", replicas, port)
+    log.info("serving %d engine replicas on gRPC %s:%d", replicas, host, port)
+
+
+def drain(grace_s: float) -> int:
+    """Health NOT_SERVING, new work refused, in-flight requests given up to
+    grace_s to finish (then cancelled); returns the calls still under way after
+    it (0: clean). What SIGTERM does before `shutdown`."""
+    from ray import serve
+
+    handle = serve.get_app_handle(APP_NAME)
+    left = handle.drain.remote(grace_s).result(timeout_s=grace_s + 60.0)
+    time.sleep(DELIVERY_S)  # the last messages on their way through the proxy
+    return left
 
 
 def shutdown() -> None:

@@ -61,6 +61,9 @@ SERVICER_FUNCTIONS = [
 SERVICE = pb.DESCRIPTOR.services_by_name["LoraPoolService"].full_name
 REPLICA_PREFIX = "SERVE_REPLICA::"  # Serve's actor names: SERVE_REPLICA::app#deployment#id
 BROADCAST_TIMEOUT_S = 120.0
+ROUTINGS = ("affinity", "random")
+REFUSED_WHILE_DRAINING = {"Generate", "Complete", "Tokenize", "LoadAdapter", "UnloadAdapter"}
+WATCH_PERIOD_S = 1.0
 
 
 # -- errors across the actor boundary --------------------------------------------------------
@@ -190,6 +193,12 @@ class LoraPoolEngine:
     async def whoami(self, replica: str = "") -> str:
         return self.replica_id
 
+    async def drain(self, grace_s: float, replica: str = ""):
+        """Refuse new requests, let in-flight ones finish within grace_s, cancel the rest."""
+        service = await self._ready()
+        await service.engine.drain(grace_s)
+        return self.replica_id, None
+
     async def _service_call(self, method: str, request):
         service = await self._ready()
         return await getattr(service, method)(request)
@@ -208,27 +217,59 @@ class LoraPoolEngine:
 class LoraPoolIngress:
     """lorapool.v1.LoraPoolService on Serve's gRPC proxy (methods named as the RPCs)."""
 
-    def __init__(self, engine, api_keys: ApiKeys | None = None):
+    def __init__(self, engine, api_keys: ApiKeys | None = None, routing: str = "affinity"):
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, not {routing!r}")
         self.engine = engine  # DeploymentHandle of LoraPoolEngine
         self.api_keys = api_keys  # None: every RPC open, as `lorapool serve` without keys
+        self.routing = routing
+        self.draining = False
+        self.inflight = 0  # Generate and Complete calls under way
 
     def _refused(self, name: str, grpc_context) -> bool:
-        """Apply the API-key rules to the call of RPC `name`; a refusal is written
-        onto the grpc_context (status and ErrorInfo) and True returned."""
-        if self.api_keys is None:
-            return False
-        metadata = grpc_context.invocation_metadata()
-        refusal = authorize(f"/{SERVICE}/{name}", metadata, self.api_keys)
-        if refusal is None:
-            return False
-        code, details, trailers = refusal.status()
-        ErrorReply(code.name, details, tuple(trailers)).set_on(grpc_context)
-        return True
+        """Apply the API-key rules to the call of RPC `name`, then refuse new work
+        while draining; a refusal is written onto the grpc_context (status and
+        ErrorInfo) and True returned."""
+        refusal = None
+        if self.api_keys is not None:
+            metadata = grpc_context.invocation_metadata()
+            refusal = authorize(f"/{SERVICE}/{name}", metadata, self.api_keys)
+        if refusal is not None:
+            code, details, trailers = refusal.status()
+            ErrorReply(code.name, details, tuple(trailers)).set_on(grpc_context)
+            return True
+        if self.draining and name in REFUSED_WHILE_DRAINING:
+            ErrorReply.of(Draining("the server is shutting down")).set_on(grpc_context)
+            return True
+        return False
 
     def _route(self, adapter_id: str):
-        if adapter_id:
+        """affinity: the adapter id as Serve's multiplexed model id; random: by load
+        only (the replicas' power of two choices), for comparison."""
+        if adapter_id and self.routing == "affinity":
             return self.engine.options(multiplexed_model_id=adapter_id)
         return self.engine
+
+    @contextlib.contextmanager
+    def _counted(self):
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    async def drain(self, grace_s: float) -> int:
+        """Health NOT_SERVING and new work refused from now; every engine replica
+        drains (in-flight requests finish within grace_s, the rest are cancelled),
+        then the ingress waits for its own streams to end. Returns the requests
+        still under way at the end (0 after a clean drain)."""
+        self.draining = True
+        log.info("draining for up to %.0fs (%d calls in flight)", grace_s, self.inflight)
+        await self._broadcast("drain", grace_s, timeout_s=grace_s + BROADCAST_TIMEOUT_S)
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while self.inflight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        return self.inflight
 
     # -- inference ----------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context):
@@ -237,25 +278,27 @@ class LoraPoolIngress:
             return
         stream = self._route(request.adapter_id).options(stream=True).generate.remote(request)
         finished = False
-        try:
-            async for reply in stream:
-                if isinstance(reply, ErrorReply):
-                    # Serve carries a context only beside a message: the error travels
-                    # with one empty GenerateResponse, then the stream ends with it.
-                    reply.set_on(grpc_context)
-                    finished = True
-                    yield pb.GenerateResponse()
-                    return
-                yield reply
-            finished = True
-        finally:
-            if not finished:  # cancelled or closed early: stop the engine replica too
-                stream.cancel()
+        with self._counted():
+            try:
+                async for reply in stream:
+                    if isinstance(reply, ErrorReply):
+                        # Serve carries a context only beside a message: the error
+                        # travels with one empty GenerateResponse, then the stream ends.
+                        reply.set_on(grpc_context)
+                        finished = True
+                        yield pb.GenerateResponse()
+                        return
+                    yield reply
+                finished = True
+            finally:
+                if not finished:  # cancelled or closed early: stop the engine replica too
+                    stream.cancel()
 
     async def Complete(self, request: pb.CompleteRequest, grpc_context):
         if self._refused("Complete", grpc_context):
             return pb.CompleteResponse()
-        _, reply = await self._route(request.adapter_id).complete.remote(request)
+        with self._counted():
+            _, reply = await self._route(request.adapter_id).complete.remote(request)
         return _unwrap(reply, grpc_context, pb.CompleteResponse)
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context):
@@ -270,18 +313,39 @@ class LoraPoolIngress:
         _, reply = await self.engine.get_model_info.remote()
         return _unwrap(reply, grpc_context, pb.GetModelInfoResponse)
 
-    # -- grpc.health.v1 (the proxy dispatches by method name: Health/Check lands here) -----
-    async def Check(self, request, grpc_context):
-        """SERVING once an engine replica answers within 5 s."""
+    # -- grpc.health.v1 (the proxy dispatches by method name: Health/* lands here) --------
+    async def _health(self):
+        """SERVING once an engine replica answers within 5 s, NOT_SERVING while
+        draining or when none does (every service name gets the same answer)."""
         from grpc_health.v1 import health_pb2
 
-        try:
-            async with asyncio.timeout(5.0):
-                await self.engine.whoami.remote()
-            status = health_pb2.HealthCheckResponse.SERVING
-        except Exception:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        status = health_pb2.HealthCheckResponse.NOT_SERVING
+        if not self.draining:
+            try:
+                async with asyncio.timeout(5.0):
+                    await self.engine.whoami.remote()
+                if not self.draining:
+                    status = health_pb2.HealthCheckResponse.SERVING
+            except Exception:
+                pass
         return health_pb2.HealthCheckResponse(status=status)
+
+    async def Check(self, request, grpc_context):
+        return await self._health()
+
+    async def Watch(self, request, grpc_context):
+        """The status now, then each change (checked every WATCH_PERIOD_S and at
+        once when a drain starts), until the client leaves."""
+        last = None
+        while True:
+            reply = await self._health()
+            if reply.status != last:
+                last = reply.status
+                yield reply
+            for _ in range(int(WATCH_PERIOD_S / 0.05)):
+                if self.draining and last != reply.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.05)
 
     # -- fleet-wide ---------------------------------------------------------------------
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, grpc_context):
@@ -320,17 +384,19 @@ class LoraPoolIngress:
             return _unwrap(error, grpc_context, pb.GetStatsResponse)
         return sum_stats(replies)
 
-    async def _broadcast(self, method: str, *args) -> list[tuple[str, Any]]:
+    async def _broadcast(
+        self, method: str, *args, timeout_s: float = BROADCAST_TIMEOUT_S
+    ) -> list[tuple[str, Any]]:
         """(replica id, reply or ErrorReply) from every engine replica."""
         replicas = engine_replicas()
         if not replicas:
             return [("", ErrorReply.of(Draining("no engine replica is running yet")))]
         calls = [getattr(self.engine, method).remote(*args, replica=r) for r in replicas]
         try:
-            async with asyncio.timeout(BROADCAST_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 return list(await asyncio.gather(*calls))
         except TimeoutError:
-            exc = Draining(f"not every engine replica answered within {BROADCAST_TIMEOUT_S:.0f}s")
+            exc = Draining(f"not every engine replica answered within {timeout_s:.0f}s")
             return [("", ErrorReply.of(exc))]
 
 
@@ -364,10 +430,12 @@ def build_app(
     source_allow: list[str] | None = None,
     api_key: str | None = None,
     admin_api_key: str | None = None,
+    routing: str = "affinity",
 ):
     """The Serve application: the ingress bound to `replicas` engine replicas; with
     an inference or an admin key, the ingress checks them as `lorapool serve` does
-    (the keys travel in the ingress's init arguments, held by Serve's controller)."""
+    (the keys travel in the ingress's init arguments, held by Serve's controller).
+    routing "random" ignores adapters when choosing a replica (for comparison)."""
     keys = ApiKeys.of(api_key, admin_api_key) if api_key or admin_api_key else None
     engine = serve.deployment(
         LoraPoolEngine,
@@ -385,4 +453,4 @@ def build_app(
         ray_actor_options={"num_cpus": ingress_cpus},
         max_ongoing_requests=100_000,
     )
-    return ingress.bind(engine.bind(engine_config, source_allow), keys)
+    return ingress.bind(engine.bind(engine_config, source_allow), keys, routing)

@@ -1,4 +1,5 @@
-"""Client cancellation through Serve's gRPC proxy, made reliable.
+"""What lorapool runs inside Serve's gRPC proxy process: reliable client
+cancellation, and the address the proxy listens on.
 
 Serve's proxy (Ray Serve 2.60) streams a server-streaming reply by iterating an
 async generator chain (`unary_stream` -> `proxy_request` -> `send_request_to_replica`)
@@ -21,14 +22,17 @@ through a queue. The gRPC side waits on the queue; when the call ends early (tas
 cancelled, generator closed, or the call's done callback), the pump task is
 cancelled while it waits on the replica, which is the path where Serve cancels the
 downstream request, and Serve carries `ray.cancel` on to the engine replica. The
-queue is unbounded: a generation's messages are small and bounded by its
-max_new_tokens. Unary calls need nothing: their handler never suspends at a yield.
+pump sees the call through CallContext, which stops touching the call once it has
+ended. The queue is unbounded: a generation's messages are small and bounded by
+its max_new_tokens. Unary calls need nothing: their handler never suspends at a
+yield.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -70,23 +74,99 @@ def cancellable_stream(handler: Callable[..., AsyncIterator]) -> Callable[..., A
 
     async def unary_stream(request: Any, context: Any) -> AsyncIterator:
         queue: asyncio.Queue = asyncio.Queue()
+        call = CallContext(context)
 
         async def pump() -> None:
             try:
-                async for message in handler(request, context):
+                async for message in handler(request, call):
                     queue.put_nowait(message)
             finally:
                 queue.put_nowait(_END)
 
         task = asyncio.create_task(pump())
+
+        def ended(*_: Any) -> None:
+            call.end()
+            task.cancel()  # a no-op once the pump has finished
+
         add_done_callback = getattr(context, "add_done_callback", None)
         if add_done_callback is not None:  # the call ended: cancelled, deadline, done
-            add_done_callback(lambda _call: task.cancel())
+            add_done_callback(ended)
         try:
             while (message := await queue.get()) is not _END:
                 yield message
             await task  # the pump's own error, if any
         finally:
-            task.cancel()  # a no-op once the pump has finished
+            ended()
 
     return unary_stream
+
+
+class CallContext:
+    """The call's grpc.aio context as Serve's chain sees it: the real one while the
+    call lives; after it ends, answers that touch nothing of the finished call
+    (peer and metadata as they were, None for the rest), because the pump may
+    still run Serve's bookkeeping (status, access log) once grpc has freed the call,
+    and reading a freed call's peer crashes the proxy process."""
+
+    def __init__(self, context: Any):
+        self._context = context
+        self._peer = context.peer()
+        self._metadata = context.invocation_metadata()
+        self._ended = False
+
+    def end(self) -> None:
+        self._ended = True
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> Any:
+        return self._metadata
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._context, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return None if self._ended else attr(*args, **kwargs)
+
+        return call
+
+
+# -- the gRPC proxy's address ----------------------------------------------------------------
+
+HOST_ENV = "LORAPOOL_GRPC_HOST"  # set in the Ray job's runtime_env by `serve-ray --host`
+
+
+def bind_grpc_host() -> None:
+    """A Ray worker_process_setup_hook: with LORAPOOL_GRPC_HOST set, Serve's gRPC
+    proxy started in this process listens on that address instead of `[::]`.
+
+    Serve 2.60 has no option for the address: its start_grpc_server binds
+    `[::]:port` through `ray.serve._private.default_impl.add_grpc_address`, which
+    it looks up when the proxy starts; this hook (run in every worker of the job,
+    before any actor code) replaces that one function. Without the variable it
+    does nothing."""
+    host = os.environ.get(HOST_ENV, "")
+    if not host or host in WILDCARDS:
+        return
+    from ray.serve._private import default_impl
+
+    add_address = default_impl.add_grpc_address
+
+    def add_grpc_address(server: Any, address: str) -> Any:
+        if address.startswith("[::]:"):
+            address = f"{bracketed(host)}:{address.rsplit(':', 1)[1]}"
+        return add_address(server, address)
+
+    default_impl.add_grpc_address = add_grpc_address
+
+
+WILDCARDS = ("", "0.0.0.0", "::", "[::]")
+
+
+def bracketed(host: str) -> str:
+    """An IPv6 literal in brackets, as gRPC addresses want it."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
