@@ -21,6 +21,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from lorapool import progress
 from lorapool.client.client import AsyncLoraPoolClient
 from lorapool.client.commands import add_connection_arguments, connection_kwargs
 from lorapool.client.errors import LoraPoolClientError
@@ -68,7 +69,9 @@ class BenchConfig:
     tls_cert: bytes | None = None  # client certificate and key, for mutual TLS
     tls_key: bytes | None = None
     details: bool = True
-    progress: bool = False
+    progress: bool | None = (
+        False  # a bar of requests done on stderr; None: lorapool.progress decides
+    )
     name: str = ""
 
 
@@ -117,6 +120,10 @@ class _Runner:
         self.results: list[CallResult] = []
         self.in_flight = 0
         self.timed_out = False  # stopped sending because the duration ran out
+        self.errors = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+        self.shown: Any = progress.NoBar()  # requests done, while drive() runs
         self.run_id = uuid.uuid4().hex[:8]  # request ids must not clash with another run
 
     def _kwargs(self, item: TraceItem) -> dict[str, Any]:
@@ -141,6 +148,15 @@ class _Runner:
         result = await timed_call(send)
         self.in_flight -= 1
         self.results.append(result)
+        self.errors += result.status != "OK"
+        self.tokens += result.tokens
+        self.shown.update()
+        self.shown.set_postfix_str(self.postfix(), refresh=False)
+
+    def postfix(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / max(elapsed, 1e-9)
+        return f"{self.in_flight} in flight, {self.errors} errors, {rate:.0f} tok/s"
 
     async def _generate(self, kwargs: dict[str, Any], result: CallResult, start: float) -> None:
         await read_stream(result, self.client.generate(**kwargs), start)
@@ -184,43 +200,32 @@ class _Runner:
             tasks.append(asyncio.create_task(send(item)))
         await asyncio.gather(*tasks)
 
-    async def drive(self, items: Iterator[TraceItem], progress: TextIO | None) -> float:
-        """Send `items` (closed or open loop, until the duration runs out) with an
-        optional live line on `progress`; returns the elapsed seconds."""
-        start = time.perf_counter()
+    async def drive(
+        self, items: Iterator[TraceItem], total: int | None, stream: TextIO | None = None
+    ) -> float:
+        """Send `items` (closed or open loop, until the duration runs out), with a
+        bar of the `total` requests (None: unknown) on `stream` (default stderr)
+        when config.progress asks for one; returns the elapsed seconds."""
+        start = self.start = time.perf_counter()
         deadline = start + self.config.duration if self.config.duration else None
-        shown = None
-        if progress is not None:
-            shown = asyncio.create_task(self.show_progress(start, progress))
-        try:
+        with progress.bar(total, "bench", "req", self.config.progress, stream) as self.shown:
             if self.config.rps:
                 await self.open_loop(items, start, deadline)
             else:
                 await self.closed_loop(items, deadline)
-        finally:
-            if progress is not None and shown is not None:
-                shown.cancel()
-                progress.write("\n")
+        self.shown = progress.NoBar()
         return time.perf_counter() - start
 
-    async def show_progress(self, start: float, stream: TextIO) -> None:
-        while True:
-            done = len(self.results)
-            errors = sum(r.status != "OK" for r in self.results)
-            tokens = sum(r.tokens for r in self.results)
-            elapsed = time.perf_counter() - start
-            stream.write(
-                f"\r[{elapsed:6.1f}s] {done} done, {self.in_flight} in flight, "
-                f"{errors} errors, {tokens / max(elapsed, 1e-9):.0f} tok/s  "
-            )
-            stream.flush()
-            await asyncio.sleep(0.25)
+
+def _planned_total(config: BenchConfig) -> int | None:
+    """Requests to send: `total`, 200 without total or duration, None (endless)
+    when only a duration bounds the run."""
+    return config.total if config.total or config.duration else 200
 
 
 def _trace_items(config: BenchConfig) -> Iterator[TraceItem]:
-    """The configured workload: `total` items (200 without total or duration), or
-    endless when only a duration bounds the run."""
-    total = config.total if config.total or config.duration else 200
+    """The configured workload: _planned_total(config) items, or endless."""
+    total = _planned_total(config)
     trace = iter_trace(
         config.adapters,
         config.zipf,
@@ -255,8 +260,7 @@ async def run_bench_async(
         if config.input_ids and not vocab:
             vocab = (await client.model_info()).vocab_size
         runner = _Runner(client, config, vocab)
-        progress = (progress_stream or sys.stderr) if config.progress else None
-        elapsed = await runner.drive(_trace_items(config), progress)
+        elapsed = await runner.drive(_trace_items(config), _planned_total(config), progress_stream)
     finally:
         await client.close()
     end_reason = "timeout" if runner.timed_out else "normal"
@@ -327,7 +331,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH|-", help="ghz JSON report to a file or stdout")
     out.add_argument("--no-details", action="store_true", help="leave per-call details out")
-    out.add_argument("--progress", action="store_true", help="live line on stderr (tty: on)")
+    out.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        help="a bar of requests done on stderr (default: on a terminal, or LORAPOOL_PROGRESS=1)",
+    )
     out.add_argument("--name", default="", help="name stored in the report")
 
 
@@ -345,7 +353,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         **connection_kwargs(args),  # timeout, api_key, tls, certificates
         ignore_eos=not args.allow_eos,
         details=not args.no_details,
-        progress=args.progress or sys.stderr.isatty(),
+        progress=args.progress,  # None: lorapool.progress decides
     )
 
 

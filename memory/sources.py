@@ -4,9 +4,11 @@ thread. Operators add schemes (s3://, https://, a registry) with `register`."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Protocol
 
+from lorapool import progress
 from lorapool.errors import AdapterNotFound, SourceUnavailable
 
 
@@ -37,7 +39,10 @@ def hub_snapshot(
     or, when the hub cannot be reached (or HF_HUB_OFFLINE is set), taken from the
     huggingface_hub cache, so an unreachable hub fails fast. Raises LookupError when
     the hub says the repo or revision does not exist, ConnectionError when it cannot
-    be reached and the cache does not hold the snapshot."""
+    be reached and the cache does not hold the snapshot.
+
+    huggingface_hub draws its own download bars when someone watches (stderr a
+    terminal, or LORAPOOL_PROGRESS=1; lorapool.progress), and none in logs."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -53,6 +58,7 @@ def hub_snapshot(
                 revision=revision or None,
                 allow_patterns=allow_patterns,
                 etag_timeout=timeout_s,  # the metadata call that decides "unreachable"
+                tqdm_class=None if progress.wanted() else _quiet_tqdm(),  # None: the hub's bars
             )
         )
     except LocalEntryNotFoundError as exc:  # (a subclass of EntryNotFoundError)
@@ -61,6 +67,20 @@ def hub_snapshot(
         raise LookupError(f"not on the hub ({type(exc).__name__})") from exc
     except OSError as exc:
         raise ConnectionError(f"the hub is unreachable ({exc})") from exc
+
+
+@functools.cache
+def _quiet_tqdm() -> type:
+    """huggingface_hub's tqdm class, drawing nothing (every bar of a snapshot
+    download goes through the class given to snapshot_download)."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class QuietTqdm(hub_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return QuietTqdm
 
 
 def parse_hub_id(spec: str) -> tuple[str, str | None] | None:

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from lorapool import progress
 from lorapool.errors import LoraPoolError
 from lorapool.memory.sources import hub_snapshot, parse_hub_id
 from lorapool.spec import ModelSpec
@@ -202,9 +203,20 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
 
 
 def load_tensors(model_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, shard after shard, with a progress bar over
+    the tensors on stderr when someone watches (lorapool.progress: a terminal, or
+    LORAPOOL_PROGRESS=1)."""
     tensors: dict[str, torch.Tensor] = {}
-    for path in checkpoint_files(model_dir):
+    files = checkpoint_files(model_dir)
+    total = 0
+    for path in files:  # headers only: the bar's total
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+            total += len(f.keys())
+    with progress.bar(total, f"loading {Path(model_dir).name}", "tensor") as shown:
+        for path in files:
+            shown.set_postfix_str(path.name, refresh=False)
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    tensors[name] = f.get_tensor(name)
+                    shown.update()
     return tensors
