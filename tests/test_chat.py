@@ -324,6 +324,19 @@ def test_without_a_tokenizer_a_chat_is_a_failed_precondition(other_servers):
     assert_idle(stub)
 
 
+def test_a_chat_that_is_not_utf8_is_undecodable(server, stub):
+    """proto3 strings are UTF-8: such bytes never reach the chat template."""
+    good = pb.GenerateRequest(chat=wire_chat([{"role": "user", "content": "X"}]))
+    raw = good.SerializeToString().replace(b"X", b"\xff")
+    with grpc.insecure_channel(server.target) as channel:
+        generate = channel.unary_stream("/lorapool.v1.LoraPoolService/Generate")
+        with pytest.raises(grpc.RpcError) as exc:
+            list(generate(raw, timeout=30))
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(exc.value.trailing_metadata()).reason == "UNDECODABLE_REQUEST"
+    assert_idle(stub)
+
+
 # -- the engine: length first, the walk off the event loop ----------------------------------
 
 
