@@ -16,14 +16,18 @@ from lorapool.server.model.checkpoint import load_spec
 
 
 def load_peer(paths, n: int):
-    """One PeftModel holding the first n adapters of the demo, with EOS disabled
-    (ignore-EOS semantics: nothing stops a row before max_new_tokens); returns
-    (model, seconds the loading took)."""
+    """One PeftModel holding the first n adapters of the demo (n = 0: the plain
+    transformers model), with EOS disabled (ignore-EOS semantics: nothing stops a
+    row before max_new_tokens); returns (model, seconds the loading took)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(str(paths.model_dir), dtype=torch.float32)
+    if n == 0:
+        base.eval()
+        base.generation_config.eos_token_id = None
+        return base, time.perf_counter() - t0
     dirs = paths.adapter_dirs[:n]
     model = PeftModel.from_pretrained(base, str(dirs[0]), adapter_name=dirs[0].name)
     for d in dirs[1:]:
@@ -46,12 +50,15 @@ def peer_generate(model, items, vocab: int, pad: int) -> tuple[list[list[int]], 
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     new = max(it.max_new_tokens for it in items)
+    mixed = {}  # a PeftModel takes each row's adapter; the plain model takes none
+    if hasattr(model, "peft_config"):
+        mixed["adapter_names"] = [it.adapter_id or "__base__" for it in items]
     t, c = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,
-            adapter_names=[it.adapter_id or "__base__" for it in items],
+            **mixed,
             max_new_tokens=new,
             min_new_tokens=new,
             do_sample=False,
