@@ -9,19 +9,17 @@ node or npm is missing."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from npm import have_npm, npm_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR = ROOT / "examples/node"
-STAMP = ".lorapool-installed"  # holds the hash of the package-lock.json installed
 
 # What every example prints, one line per part of the walk-through.
 EXPECTED = [
@@ -62,32 +60,9 @@ def test_python_example(server, script):
         assert lines[2].startswith("cancel: CANCELLED")
 
 
-def node_modules() -> Path:
-    """examples/node/node_modules from `npm ci`, reinstalled only when the lock file
-    changed since the last install."""
-    lock = hashlib.sha256((NODE_DIR / "package-lock.json").read_bytes()).hexdigest()
-    modules = NODE_DIR / "node_modules"
-    stamp = modules / STAMP
-    if stamp.is_file() and stamp.read_text() == lock:
-        return modules
-    done = subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
-        cwd=NODE_DIR,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"npm ci failed in {NODE_DIR}:\n{done.stderr}"
-    stamp.write_text(lock)
-    return modules
-
-
-@pytest.mark.skipif(
-    shutil.which("node") is None or shutil.which("npm") is None,
-    reason="the Node.js example needs node and npm on PATH",
-)
+@pytest.mark.skipif(not have_npm(), reason="the Node.js example needs node and npm on PATH")
 def test_node_example(server):
-    assert (node_modules() / "@grpc/grpc-js/package.json").is_file()
+    assert (npm_ci(NODE_DIR) / "@grpc/grpc-js/package.json").is_file()
     lines = run_example(["node", "client.js"], server.target, NODE_DIR)
     check_output(lines)
     assert lines[2].startswith("cancel: CANCELLED")
