@@ -453,6 +453,80 @@ def test_serve_ray_reads_keys_as_serve_does(tmp_path):
         assert message in done.stderr, done.stderr
 
 
+# -- the request router's ranking, without starting Ray ---------------------------------------
+
+
+class _Id(NamedTuple):
+    unique_id: str
+
+
+class _Replica(NamedTuple):
+    replica_id: _Id
+
+
+class _Metadata(NamedTuple):
+    internal_request_id: str
+    multiplexed_model_id: str
+
+
+class _Pending(NamedTuple):
+    metadata: _Metadata
+
+
+def _router(bound=1.25, floor=2, holders=None):
+    """A ReplicaRouter with only the state its ranking reads (Serve's table of
+    holders as ReplicaIDs by adapter)."""
+    from lorapool.server.ray.router import ReplicaRouter
+
+    router = object.__new__(ReplicaRouter)
+    router._bound, router._floor = bound, floor
+    router._multiplexed_model_id_to_replica_ids = {
+        adapter: {_Id(r) for r in replicas} for adapter, replicas in (holders or {}).items()
+    }
+    return router
+
+
+def _route(router, adapter, replicas, request_id):
+    """Route like Serve: the first replica of the first rank, then report it routed."""
+    candidates = [_Replica(_Id(r)) for r in replicas]
+    chosen = router.rank(adapter, candidates)[0][0]
+    router.on_request_routed(_Pending(_Metadata(request_id, adapter)), chosen.replica_id, None)
+    return chosen.replica_id.unique_id
+
+
+def test_load_cap_is_bounded_by_the_fleet_mean_with_a_floor():
+    from lorapool.server.ray.router import load_cap
+
+    assert load_cap(total=0, replicas=4, bound=1.25, floor=1) == 1
+    assert load_cap(total=39, replicas=4, bound=1.25, floor=1) == 13  # 1.25 x 40 / 4 = 12.5
+    assert load_cap(total=3, replicas=4, bound=1.25, floor=8) == 8
+
+
+def test_router_keeps_an_adapter_on_its_holder_until_the_cap_then_spreads(monkeypatch):
+    from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+
+    monkeypatch.setattr(PowerOfTwoChoicesRequestRouter, "on_request_routed", lambda *a: None)
+    monkeypatch.setattr(PowerOfTwoChoicesRequestRouter, "on_request_completed", lambda *a: None)
+    replicas = ["a", "b", "c", "d"]
+    router = _router(floor=2, holders={"hot": ["c"]})
+    # a holder Serve knows takes the adapter's requests while within the cap
+    assert [_route(router, "hot", replicas, f"h{i}") for i in range(2)] == ["c", "c"]
+    # c has 2 in flight, the fleet 2: the cap is max(ceil(1.25 x 3 / 4), 2) = 2 -> spread
+    spread = _route(router, "hot", replicas, "h2")
+    assert spread != "c"
+    # the new holder is remembered before Serve's table knows it, and preferred
+    assert _route(router, "hot", replicas, "h3") == spread  # cap 2: spread has 1, c has 2
+    # a new adapter goes to the least-loaded replica, then sticks there
+    first = _route(router, "new", replicas, "n0")
+    assert router._inflight[first] == 1 and first not in {"c", spread}
+    assert _route(router, "new", replicas, "n1") == first
+    # completions free the count: the original holder takes requests again
+    for i in range(2):
+        router.on_request_completed(_Id("c"), f"h{i}")
+    assert router._inflight["c"] == 0
+    assert _route(router, "hot", replicas, "h4") == "c"
+
+
 # -- --host, --address and the signal path, without starting Ray --------------------------------
 
 
@@ -508,7 +582,7 @@ def test_serve_ray_flags_reach_deploy_and_sigterm_drains(tiny_demo, monkeypatch)
         *("--model", str(tiny_demo.model_dir), "--adapters", str(tiny_demo.adapters_dir)),
         *("--replicas", "3", "--replica-cpus", "2", "--port", str(free_port())),
         *("--address", "ray://head:10001", "--host", "127.0.0.1", "--routing", "random"),
-        *("--grace", "7"),
+        *("--grace", "7", "--load-bound", "1.5", "--load-floor", "4"),
     ]
     args = command_parser("serve-ray", cli).parse_args(flags)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -520,6 +594,7 @@ def test_serve_ray_flags_reach_deploy_and_sigterm_drains(tiny_demo, monkeypatch)
     (_, kwargs), drained, shut = calls
     assert kwargs["address"] == "ray://head:10001" and kwargs["host"] == "127.0.0.1"
     assert (kwargs["replicas"], kwargs["replica_cpus"], kwargs["routing"]) == (3, 2.0, "random")
+    assert (kwargs["load_bound"], kwargs["load_floor"]) == (1.5, 4)
     assert drained == ("drain", 7.0) and shut == ("shutdown", None)
 
 

@@ -53,6 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help="affinity: an adapter's requests go to replicas holding it; random: by load "
         "only (for comparison)",
     )
+    parser.add_argument(
+        "--load-bound",
+        type=float,
+        default=1.25,
+        help="affinity: a replica holding the adapter takes the request while its in-flight "
+        "stays within this times the fleet's mean, else the least-loaded replica loads it",
+    )
+    parser.add_argument(
+        "--load-floor",
+        type=int,
+        default=8,
+        help="affinity: in-flight a holder may always reach (no spreading below it)",
+    )
     parser.add_argument("--grace", type=float, default=30.0, help="drain period on SIGTERM (s)")
     add_engine_flags(parser)
     add_source_rule_flag(parser)
@@ -81,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         engine = engine_config(args, model, adapters, tokenizer)
         if args.grace < 0:
             raise StartupError("--grace must be at least 0")
+        if args.load_bound < 1 or args.load_floor < 1:
+            raise StartupError("--load-bound and --load-floor must be at least 1")
         probe_port("gRPC", args.host, args.port)
     except StartupError as exc:
         print(f"lorapool serve-ray: {exc}", file=sys.stderr, flush=True)
@@ -101,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             api_key=api_key,
             admin_api_key=admin_key,
             routing=args.routing,
+            load_bound=args.load_bound,
+            load_floor=args.load_floor,
             host=args.host,
             http_host=args.http_host,
         )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from lorapool.server.ray.deployments import APP_NAME, SERVICER_FUNCTIONS, build_app
 from lorapool.server.ray.proxy import HOST_ENV, WILDCARDS
+from lorapool.server.ray.router import BOUND, FLOOR
 
 if TYPE_CHECKING:
     from lorapool.server.engine.config import EngineConfig
@@ -41,6 +42,8 @@ def deploy(
     api_key: str | None = None,
     admin_api_key: str | None = None,
     routing: str = "affinity",
+    load_bound: float = BOUND,
+    load_floor: int = FLOOR,
     host: str = "0.0.0.0",
     http_host: str = "127.0.0.1",
 ) -> None:
@@ -83,6 +86,8 @@ def deploy(
         api_key=api_key,
         admin_api_key=admin_api_key,
         routing=routing,
+        load_bound=load_bound,
+        load_floor=load_floor,
     )
     serve.run(app, name=APP_NAME, route_prefix=ROUTE_PREFIX)
     log.info("serving %d engine replicas on gRPC %s:%d", replicas, host, port)

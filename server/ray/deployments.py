@@ -40,7 +40,7 @@ from lorapool import convert
 from lorapool.errors import Draining, LoraPoolError
 from lorapool.server.metrics import Metrics
 from lorapool.server.ray.fleet import merge_adapters, sum_stats
-from lorapool.server.ray.router import ReplicaRouter
+from lorapool.server.ray.router import BOUND, FLOOR, ReplicaRouter
 from lorapool.server.service import LoraPoolService, SourcePolicy
 from lorapool.server.transport.auth import ApiKeys, authorize
 from lorapool.v1 import lorapool_pb2 as pb
@@ -431,11 +431,14 @@ def build_app(
     api_key: str | None = None,
     admin_api_key: str | None = None,
     routing: str = "affinity",
+    load_bound: float = BOUND,
+    load_floor: int = FLOOR,
 ):
     """The Serve application: the ingress bound to `replicas` engine replicas; with
     an inference or an admin key, the ingress checks them as `lorapool serve` does
     (the keys travel in the ingress's init arguments, held by Serve's controller).
-    routing "random" ignores adapters when choosing a replica (for comparison)."""
+    routing "random" ignores adapters when choosing a replica (for comparison);
+    load_bound and load_floor set ReplicaRouter's cap on a holder's in-flight."""
     keys = ApiKeys.of(api_key, admin_api_key) if api_key or admin_api_key else None
     engine = serve.deployment(
         LoraPoolEngine,
@@ -443,7 +446,10 @@ def build_app(
         num_replicas=replicas,
         ray_actor_options={"num_cpus": replica_cpus},
         max_ongoing_requests=max(engine_config.max_running, 1) + 64,
-        request_router_config=RequestRouterConfig(request_router_class=ReplicaRouter),
+        request_router_config=RequestRouterConfig(
+            request_router_class=ReplicaRouter,
+            request_router_kwargs={"bound": load_bound, "floor": load_floor},
+        ),
         health_check_period_s=5,
     )
     ingress = serve.deployment(

@@ -1,52 +1,123 @@
-"""The engine deployment's request router: Serve's multiplexed affinity and power
-of two choices, plus calls pinned to one replica and stickiness for adapters Serve
-does not yet know the place of."""
+"""The engine deployment's request router: adapter affinity with bounded loads,
+calls pinned to one replica, and Serve's power of two choices for the rest.
+
+Why not Serve's default multiplexed routing: it sends an adapter's request to a
+holder until that holder's queue is full (max_ongoing_requests), an absolute
+test. At light load no holder of a hot adapter ever fills, so its one or two
+holders take far more than their share (2x the mean at 30% utilization over 64
+replicas in benchmarks/routing_sim.py) while the others idle. Bounded loads
+(consistent hashing with bounded loads, Mirrokni et al. 2018) compare a holder
+with the fleet instead: a holder takes the request while its in-flight stays
+within max(ceil(bound x (fleet in-flight + 1) / N), floor); otherwise the
+least-loaded replica takes it and loads the adapter, so a hot adapter gains
+holders as its traffic grows. `floor` (a quarter of a replica's batch by
+default) keeps a lightly loaded fleet from copying adapters around to balance
+replicas that are far from full anyway.
+
+In-flight counts are the router's own: +1 when it routes a call to a replica,
+-1 when Serve reports the call completed (every routed call is reported once).
+All of the engine's traffic goes through this router (the ingress has one
+replica), so these counts are exact without probing. Holders are the replicas
+Serve's table lists for the adapter (reported by the replicas' multiplexed
+loaders) plus those this router sent it to recently: Serve's table learns of a
+load only some time after it, and a second request for a new adapter must not
+load it somewhere else meanwhile."""
 
 from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
 TARGET = "replica"  # keyword that pins an engine call to one replica
-STICKY_LIMIT = 10_000  # adapter ids ReplicaRouter remembers (oldest forgotten first)
+STICKY_LIMIT = 10_000  # adapter ids whose recent replicas are remembered (oldest first out)
+BOUND = 1.25
+FLOOR = 8
+
+
+def load_cap(total: int, replicas: int, bound: float, floor: int) -> int:
+    """In-flight a holder may reach with the new request: bound x the fleet's mean
+    (counting the new request), and never below floor."""
+    return max(math.ceil(bound * (total + 1) / max(replicas, 1)), floor)
 
 
 class ReplicaRouter(PowerOfTwoChoicesRequestRouter):
-    """A call with a `replica` keyword goes to that replica; the rest are routed as
-    by Serve's default router (multiplexed affinity, then power of two choices).
+    """A call with a `replica` keyword goes to that replica; a call with an adapter
+    to a holder within the load cap, else to the least-loaded replica; the rest as
+    by Serve's default router (power of two choices by queue length)."""
 
-    Serve learns which replica holds an adapter only when that replica reports it
-    (through the controller, some time after the load), so two quick requests for
-    a new adapter could land on two replicas. This router remembers where it sent
-    each adapter and prefers that replica until Serve's own table knows the
-    adapter; a busy preferred replica still falls back to the others."""
-
-    def initialize_state(self, **kwargs):
+    def initialize_state(self, bound: float = BOUND, floor: int = FLOOR, **kwargs):
         super().initialize_state(**kwargs)
-        self._sent_to: dict[str, str] = {}  # adapter id -> replica it was last routed to
+        self._bound, self._floor = bound, floor
+        self._state()
+
+    def _state(self) -> None:
+        if not hasattr(self, "_inflight"):
+            self._inflight: dict[str, int] = {}  # replica id -> calls routed, not completed
+            self._calls: dict[str, str] = {}  # internal request id -> replica id
+            self._sent_to: OrderedDict[str, set[str]] = OrderedDict()  # adapter -> replicas
+            self._bound = getattr(self, "_bound", BOUND)
+            self._floor = getattr(self, "_floor", FLOOR)
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
-        if pending_request is None:
+        if pending_request is None or not candidate_replicas:
             return await super().choose_replicas(candidate_replicas, pending_request)
         target = pending_request.kwargs.get(TARGET)
         if target:
             return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
         adapter = pending_request.metadata.multiplexed_model_id
-        known = self._multiplexed_model_id_to_replica_ids.get(adapter) if adapter else True
-        if not known:
-            sent = getattr(self, "_sent_to", {}).get(adapter)
-            first = [r for r in candidate_replicas if r.replica_id.unique_id == sent]
-            if first:
-                rest = [r for r in candidate_replicas if r.replica_id.unique_id != sent]
-                return [first, rest] if rest else [first]
-        return await super().choose_replicas(candidate_replicas, pending_request)
+        if not adapter:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        return self.rank(adapter, candidate_replicas)
+
+    def rank(self, adapter: str, candidates: list) -> list[list]:
+        """Replicas to try in order: holders within the cap (least loaded first),
+        then the least-loaded replicas, then every replica."""
+        self._state()
+        load = {
+            r.replica_id.unique_id: self._inflight.get(r.replica_id.unique_id, 0)
+            for r in candidates
+        }
+        cap = load_cap(sum(load.values()), len(candidates), self._bound, self._floor)
+        held = {r.unique_id for r in self._multiplexed_model_id_to_replica_ids.get(adapter, ())}
+        held |= self._sent_to.get(adapter, set())
+        by_load = sorted(candidates, key=lambda r: (load[r.replica_id.unique_id], random.random()))
+        holders = [r for r in by_load if r.replica_id.unique_id in held]
+        within = [r for r in holders if load[r.replica_id.unique_id] + 1 <= cap]
+        least = [
+            r
+            for r in by_load
+            if load[r.replica_id.unique_id] == load[by_load[0].replica_id.unique_id]
+        ]
+        ranks = [within[:2], least[:2], by_load]
+        return [rank for rank in ranks if rank]
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
         super().on_request_routed(pending_request, replica_id, result)
+        self._state()
+        replica = replica_id.unique_id
+        self._inflight[replica] = self._inflight.get(replica, 0) + 1
+        self._calls[pending_request.metadata.internal_request_id] = replica
         adapter = pending_request.metadata.multiplexed_model_id
         if adapter:
-            if not hasattr(self, "_sent_to"):
-                self._sent_to = {}
-            self._sent_to.pop(adapter, None)
-            self._sent_to[adapter] = replica_id.unique_id
+            sent = self._sent_to.pop(adapter, set())
+            sent.add(replica)
+            self._sent_to[adapter] = sent
             if len(self._sent_to) > STICKY_LIMIT:  # bounded: clients may send any id
-                del self._sent_to[next(iter(self._sent_to))]
+                self._sent_to.popitem(last=False)
+
+    def on_request_completed(self, replica_id, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        self._state()
+        replica = self._calls.pop(internal_request_id, None)
+        if replica is not None and self._inflight.get(replica, 0) > 0:
+            self._inflight[replica] -= 1
+
+    def on_replica_actor_died(self, replica_id) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._state()
+        self._inflight.pop(replica_id.unique_id, None)
+        for sent in self._sent_to.values():
+            sent.discard(replica_id.unique_id)
