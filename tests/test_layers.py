@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SHARED = {"lorapool.spec", "lorapool.types", "lorapool.errors"}
+SHARED = {"lorapool.spec", "lorapool.types", "lorapool.errors", "lorapool.progress"}
 API = {"lorapool.v1", "lorapool.convert"}
 # layer -> layers its modules may import (besides their own)
 ALLOWED = {
@@ -19,6 +19,7 @@ ALLOWED = {
     "lorapool.spec": set(),
     "lorapool.types": set(),
     "lorapool.errors": set(),
+    "lorapool.progress": set(),
     "lorapool.convert": {"lorapool.v1", "lorapool.types", "lorapool.errors"},
     "lorapool.memory": SHARED,
     "lorapool.server": set(),  # the package itself; modules belong to the layers below

@@ -77,7 +77,7 @@ def test_pyproject_declares_the_license_and_extras():
 
 def test_base_install_is_the_client():
     base = requirement_names(PYPROJECT["project"]["dependencies"])
-    assert base == {"grpcio", "grpcio-health-checking", "grpcio-status", "protobuf"}
+    assert base == {"grpcio", "grpcio-health-checking", "grpcio-status", "protobuf", "tqdm"}
     server = requirement_names(PYPROJECT["project"]["optional-dependencies"]["server"])
     assert {"torch", "transformers", "safetensors", "tokenizers", "huggingface-hub"} <= server
     assert {"xxhash", "numpy", "grpcio-reflection", "prometheus-client"} <= server
@@ -194,6 +194,7 @@ def test_wheel_metadata_declares_apache_and_the_extras(wheel):
         "grpcio-health-checking",
         "grpcio-status",
         "protobuf",
+        "tqdm",
     }
     names = wheel.namelist()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
