@@ -74,6 +74,7 @@ class SiteIndex:
     expand: torch.Tensor  # [layers, sum over modules of (out/h) * r], module-, then d-major
     out_rows: torch.Tensor  # per expand bag: row in the [tokens * out/h, h] output view
     v_index: torch.Tensor  # per expand index: position in this token's v (module*r + j)
+    chunk_len: torch.Tensor  # per h-wide chunk of the fused output: r if targeted, else 0
     per_module: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (shrink, expand)
 
 
@@ -141,17 +142,17 @@ def place_adapter(
     """Copy the packed adapter into `pages` and compute its pool row indices."""
     pages_t = torch.as_tensor(pages, dtype=torch.long)
     _copy_into_pages(pool, packed, pages_t)
-    layers = _matrix_rows(pool, spec, packed, pages_t)
+    rows = _matrix_rows(pool, spec, packed, pages_t)
     sites = {}
     for site, site_modules in SITES.items():
-        mods = [m for m in site_modules if m in layers]
+        mods = [m for m in site_modules if m in rows]
         if mods:
-            sites[site] = _site_index(pool, spec, site, mods, layers, packed.rank)
+            sites[site] = _site_index(pool, spec, site, mods, rows, packed.rank)
     return PlacedAdapter(key=key, rank=packed.rank, sites=sites, pages=pages_t)
 
 
-# module -> per layer, (shrink, expand) row indices of its A^T and (sB)^T
-_MatrixRows = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+# module -> (shrink, expand) row indices of its A^T and (sB)^T, [layers, ...] each
+_MatrixRows = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def _copy_into_pages(pool: PagePool, packed: PackedAdapter, pages_t: torch.Tensor) -> None:
@@ -167,25 +168,34 @@ def _matrix_rows(
     pool: PagePool, spec: ModelSpec, packed: PackedAdapter, pages_t: torch.Tensor
 ) -> _MatrixRows:
     """Each matrix's sub-rows as row indices of the pool's rows views (width g
-    for A^T, h for (sB)^T), in layer order."""
+    for A^T, h for (sB)^T), for every layer at once: a module's matrices differ
+    from layer to layer only by their offset in the packed run."""
     p = pool.page_elems
 
     def to_pool(e: torch.Tensor) -> torch.Tensor:
         return pages_t[e // p] * p + e % p
 
     r, g = packed.rank, shrink_width(packed.rank)
-    layers: _MatrixRows = {}
-    for (_layer, module), (off_a, off_b) in sorted(packed.offsets.items()):  # layer order
+    by_module: dict[str, list[tuple[int, int, int]]] = {}
+    for (layer, module), (off_a, off_b) in packed.offsets.items():
+        by_module.setdefault(module, []).append((layer, off_a, off_b))
+    rows: _MatrixRows = {}
+    for module, offs in by_module.items():
+        if len(offs) != spec.num_layers:
+            raise ValueError(f"adapter must target {module} in every layer")
+        offs.sort()
+        off_a = torch.tensor([a for _, a, _ in offs]).view(-1, 1)
+        off_b = torch.tensor([b for _, _, b in offs]).view(-1, 1)
         fan_in, fan_out = spec.module_shape(module)
         h = site_width(spec, SITE_OF[module], p)
         c = torch.arange(r // g).view(-1, 1)
         i = torch.arange(fan_in).view(1, -1)
-        shrink = to_pool(off_a + i * r + c * g).reshape(-1) // g
+        shrink = to_pool(off_a + (i * r + c * g).view(1, -1)) // g
         d = torch.arange(fan_out // h).view(-1, 1)
         j = torch.arange(r).view(1, -1)
-        expand = to_pool(off_b + j * fan_out + d * h).reshape(-1) // h
-        layers.setdefault(module, []).append((shrink, expand))
-    return layers
+        expand = to_pool(off_b + (j * fan_out + d * h).view(1, -1)) // h
+        rows[module] = (shrink, expand)
+    return rows
 
 
 def _site_index(
@@ -193,50 +203,52 @@ def _site_index(
     spec: ModelSpec,
     site: str,
     mods: list[str],
-    layers: _MatrixRows,
+    rows: _MatrixRows,
     r: int,
 ) -> SiteIndex:
-    """One site's indices: every targeted module's rows stacked per layer, and
-    where each expand bag lands in the site's fused output."""
+    """One site's indices: every targeted module's rows side by side per layer,
+    and the bags of the site's fused output they fill."""
     dev = pool.device
-    per_module = {}
-    for m in mods:
-        if len(layers[m]) != spec.num_layers:
-            raise ValueError(f"adapter must target {m} in every layer")
-        per_module[m] = (
-            torch.stack([s for s, _ in layers[m]]),
-            torch.stack([e for _, e in layers[m]]),
-        )
     h = site_width(spec, site, pool.page_elems)
     cols = site_columns(spec, site)
+    width = sum(spec.module_shape(m)[1] for m in SITES[site])
+    chunk_len = torch.zeros(width // h, dtype=torch.long)
     out_rows, v_index = [], []
     for k, m in enumerate(mods):
         nb = spec.module_shape(m)[1] // h
         out_rows.append(cols[m] // h + torch.arange(nb))
+        chunk_len[cols[m] // h : cols[m] // h + nb] = r
         v_index.append((k * r + torch.arange(r)).repeat(nb))
     return SiteIndex(
         rank=r,
         modules=mods,
-        shrink=torch.cat([per_module[m][0] for m in mods], dim=1).to(dev),
-        expand=torch.cat([per_module[m][1] for m in mods], dim=1).to(dev),
+        shrink=torch.cat([rows[m][0] for m in mods], dim=1).to(dev),
+        expand=torch.cat([rows[m][1] for m in mods], dim=1).to(dev),
         out_rows=torch.cat(out_rows),
         v_index=torch.cat(v_index),
-        per_module={m: (s.to(dev), e.to(dev)) for m, (s, e) in per_module.items()},
+        chunk_len=chunk_len,
+        per_module={m: (rows[m][0].to(dev), rows[m][1].to(dev)) for m in mods},
     )
 
 
 def gather_weights(pool: PagePool, spec: ModelSpec, adapter: PlacedAdapter, layer, module, view):
     """Gather A^T [in, r] and (sB)^T [r, out] of one matrix pair into dense tensors,
-    through the same pool rows and indices the kernels read. view(width) is the
+    through the same pool rows and indices the kernels read; layer None gathers
+    every layer in one read ([layers, in, r], [layers, r, out]). view(width) is the
     pool as rows of `width` elements."""
     fan_in, fan_out = spec.module_shape(module)
     r, g = adapter.rank, adapter.g
     h = site_width(spec, SITE_OF[module], pool.page_elems)
     shrink, expand = adapter.sites[SITE_OF[module]].per_module[module]
-    a = view(g).index_select(0, shrink[layer])  # [(r/g) * in, g]
-    a_t = a.view(r // g, fan_in, g).permute(1, 0, 2).reshape(fan_in, r)
-    b = view(h).index_select(0, expand[layer])  # [(out/h) * r, h]
-    b_t = b.view(fan_out // h, r, h).permute(1, 0, 2).reshape(r, fan_out)
+    if layer is not None:
+        shrink, expand = shrink[layer : layer + 1], expand[layer : layer + 1]
+    n = shrink.shape[0]
+    a = view(g).index_select(0, shrink.reshape(-1))  # [n * (r/g) * in, g]
+    a_t = a.view(n, r // g, fan_in, g).permute(0, 2, 1, 3).reshape(n, fan_in, r)
+    b = view(h).index_select(0, expand.reshape(-1))  # [n * (out/h) * r, h]
+    b_t = b.view(n, fan_out // h, r, h).permute(0, 2, 1, 3).reshape(n, r, fan_out)
+    if layer is not None:
+        return a_t[0], b_t[0]
     return a_t, b_t
 
 

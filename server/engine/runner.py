@@ -53,8 +53,10 @@ class ModelRunner:
         self._lora_cache: tuple[list[Segment], LoraBatch] | None = None  # the last step's
 
     def step(self, batch: list[ScheduledSeq]) -> StepResult:
-        # Decode rows (one token) first so attention batches them in one call.
-        batch = sorted(batch, key=lambda s: s.num_tokens != 1)
+        # Decode rows (one token) first so attention batches them in one call; rows
+        # of one adapter side by side so LoRA reads each adapter's weights once per
+        # run of rows (dense per adapter when the run is long).
+        batch = sorted(batch, key=lambda s: (s.num_tokens != 1, s.adapter.key if s.adapter else ""))
         inputs = self._flatten(batch)
         meta = build_meta(
             self.pool,

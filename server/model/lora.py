@@ -1,16 +1,22 @@
 """Multi-LoRA math read straight from pool pages (the layout is
 memory/adapter_layout.py).
 
-- shrink (v = x A^T) is a weighted sum of A^T's rows with x's entries as weights:
-  one embedding_bag over sub-rows of width g = gcd(r, ALIGN);
-- expand (y += v (sB)^T) is a weighted sum of (sB)^T's rows with v's entries as
-  weights: one embedding_bag over sub-rows of width h (see `site_width`).
+A step's tokens come in runs: consecutive tokens of one adapter (the runner puts
+a step's rows of one adapter side by side). Each run takes one of two paths:
 
-embedding_bag gathers from arbitrary pages without copying the weights, so one call
-serves every row of the batch whatever adapter it uses (Punica's BGMV, on CPU or
-GPU): one shrink call per rank class and one expand call per site and layer,
-written into the fused output. Long segments of one adapter (prefill chunks)
-instead gather the adapter's matrices once and use dense matmuls (SGMV).
+- gathered (short runs: decode rows): shrink (v = x A^T) is a weighted sum of
+  A^T's rows with x's entries as weights, one embedding_bag over sub-rows of width
+  g = gcd(r, ALIGN); expand (y += v (sB)^T) is a weighted sum of (sB)^T's rows
+  with v's entries as weights, one embedding_bag over sub-rows of width h (see
+  `site_width`). embedding_bag gathers from arbitrary pages without copying the
+  weights, so one call serves every row of the batch whatever adapter it uses
+  (Punica's BGMV, on CPU or GPU). The expand has one bag per (token, h-wide chunk
+  of the site's fused output), empty where the token's adapter does not target the
+  chunk's module, so its output is added to the fused output as it is (no scatter).
+- dense (runs of at least `dense_min_tokens` tokens: prefill chunks, or many
+  decode rows of one adapter): the adapter's matrices are gathered from the pages
+  once per step for every layer (one read per step, not one per token), and each
+  layer runs one matmul for the site's shrink and one addmm per module (SGMV).
 """
 
 from __future__ import annotations
@@ -30,11 +36,10 @@ from lorapool.memory.adapter_layout import (
 from lorapool.memory.pool import PagePool
 from lorapool.spec import ModelSpec
 
-# Segments with at least this many tokens of one adapter use the dense path. On a
-# CPU the gathered path stays cheaper up to about 128 tokens (its weights are hot
-# in cache after the first token; the dense path pays a gather and ~10 ops per
-# module and layer): 8 prefill chunks of 64 tokens cost 30 ms of LoRA instead of 83.
-DENSE_SEGMENT_TOKENS = 128
+# Runs with at least this many tokens of one adapter use the dense path. Measured
+# on a CPU (bench model, 16 runs of n tokens, plan build + every layer's apply):
+# dense/gathered = 2.7 at n = 2, 1.5 at 4, 1.0 at 8, 0.75 at 16, 0.41 at 64.
+DENSE_SEGMENT_TOKENS = 8
 
 # (first token, number of tokens, adapter or None): a run of the step's tokens
 Segment = tuple[int, int, PlacedAdapter | None]
@@ -50,22 +55,46 @@ class _Group:
 
 
 @dataclass
+class _Dense:
+    """One dense run of one site: its tokens and its adapter's matrices, gathered
+    for every layer."""
+
+    start: int
+    n: int
+    a: torch.Tensor  # [layers, in, modules * r]: every targeted module's A^T side by side
+    b: list[tuple[int, torch.Tensor]]  # per module: (column in the fused output, [layers, r, out])
+    rank: int
+
+
+@dataclass
 class _SitePlan:
     h: int
     groups: list[_Group]
+    rows: int  # the gathered expand covers fused-output rows [0, rows)
     expand: torch.Tensor | None  # [layers, indices]
-    expand_offsets: torch.Tensor | None
+    expand_offsets: torch.Tensor | None  # one bag per (row, chunk), empty ones included
     v_index: torch.Tensor | None  # per expand index, position in the concatenated v
-    out_rows: torch.Tensor | None  # per expand bag, row of the [T * width/h, h] view
-    dense: list[AdaptedSegment]
+    dense: list[_Dense]
+
+
+def merge_runs(segments: list[Segment]) -> list[Segment]:
+    """Adjacent segments of the same adapter as one run."""
+    runs: list[Segment] = []
+    for s, n, a in segments:
+        if runs and runs[-1][2] is a and runs[-1][0] + runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n, a)
+        else:
+            runs.append((s, n, a))
+    return runs
 
 
 class LoraBatch:
     """The LoRA work of one step: built once, applied at every layer.
 
     segments: (first token, number of tokens, adapter or None) covering the step's
-    flattened tokens. Index tensors are assembled on the host, vectorised, and moved
-    to the device once per tensor."""
+    flattened tokens; adjacent ones of one adapter are merged into runs. Index
+    tensors are assembled on the host, vectorised, and moved to the device once
+    per tensor."""
 
     def __init__(
         self,
@@ -80,27 +109,29 @@ class LoraBatch:
         self.spec = spec
         self.plans: dict[str, _SitePlan] = {}
         self._views: dict[int, torch.Tensor] = {}
-        present = {s for _, _, a in segments if a is not None for s in a.sites}
+        runs = merge_runs(segments)
+        present = {s for _, _, a in runs if a is not None for s in a.sites}
         for site in SITES:
             if site in present:
-                self.plans[site] = self._plan(site, segments, num_tokens)
+                self.plans[site] = self._plan(site, runs, num_tokens)
 
-    def _plan(self, site: str, segments: list[Segment], num_tokens: int) -> _SitePlan:
-        """One site's work: shrink groups and one expand for the gathered segments,
-        and the segments long enough for dense matmuls."""
+    def _plan(self, site: str, runs: list[Segment], num_tokens: int) -> _SitePlan:
+        """One site's work: shrink groups and one expand for the gathered runs, and
+        the dense runs with their gathered matrices."""
         h = site_width(self.spec, site, self.pool.page_elems)
-        sparse, dense = self._split(site, segments)
+        sparse, dense = self._split(site, runs)
+        dense_plans = [self._dense(site, s, n, a) for s, n, a in dense]
         groups, order = self._shrink_groups(site, sparse, num_tokens)
         if not order:
-            return _SitePlan(h, [], None, None, None, None, dense)
-        return self._expand_plan(site, h, groups, order, dense)
+            return _SitePlan(h, [], 0, None, None, None, dense_plans)
+        return self._expand_plan(site, h, groups, order, sparse, dense_plans)
 
     def _split(
-        self, site: str, segments: list[Segment]
+        self, site: str, runs: list[Segment]
     ) -> tuple[list[AdaptedSegment], list[AdaptedSegment]]:
-        """The segments whose adapter targets `site`: (gathered, dense) by length."""
+        """The runs whose adapter targets `site`: (gathered, dense) by length."""
         sparse, dense = [], []
-        for s, n, a in segments:
+        for s, n, a in runs:
             if a is None or site not in a.sites:
                 continue
             (dense if n >= self.dense_min_tokens else sparse).append((s, n, a))
@@ -109,8 +140,8 @@ class LoraBatch:
     def _shrink_groups(
         self, site: str, sparse: list[AdaptedSegment], num_tokens: int
     ) -> tuple[list[_Group], list[AdaptedSegment]]:
-        """One shrink group per sub-row width g, and the segments in the order
-        their v values come out (the expand's order)."""
+        """One shrink group per sub-row width g, and the runs in the order their v
+        values come out."""
         dev = self.pool.device
         fan_in = self.spec.module_shape(SITES[site][0])[0]
         groups = []
@@ -122,10 +153,11 @@ class LoraBatch:
                 [_repeat(a.sites[site].shrink, n, dim=1) for _, n, a in members],
                 dim=1,
             )
-            tokens, bags = _tokens(members), []
-            for _, n, a in members:
-                bags.extend([len(a.sites[site].modules) * a.rank // g] * n)
-            bags_t = torch.tensor(bags)
+            ns = torch.tensor([n for _, n, _ in members])
+            tokens = _tokens(torch.tensor([s for s, _, _ in members]), ns)
+            bags_t = torch.tensor(
+                [len(a.sites[site].modules) * a.rank // g for _, _, a in members]
+            ).repeat_interleave(ns)
             n_bags = int(bags_t.sum())
             identity = n_bags == num_tokens and bool((bags_t == 1).all()) and _is_range(tokens)
             groups.append(
@@ -144,38 +176,59 @@ class LoraBatch:
         h: int,
         groups: list[_Group],
         order: list[AdaptedSegment],
-        dense: list[AdaptedSegment],
+        sparse: list[AdaptedSegment],
+        dense: list[_Dense],
     ) -> _SitePlan:
-        """The expand indices of every gathered token, in v order, with the rows of
-        the fused output each bag adds into."""
+        """The expand's bags: one per (token, chunk) of rows [0, last gathered
+        token], in token order, each reading its token's v (in `order`)."""
         dev = self.pool.device
         width = sum(self.spec.module_shape(m)[1] for m in SITES[site])
         chunks = width // h
-        expand = torch.cat(
-            [_repeat(a.sites[site].expand, n, dim=1) for _, n, a in order],
-            dim=1,
-        )
-        tokens = _tokens(order)
-        per_token = [(a.sites[site], n) for _, n, a in order]
-        token_sites = [si for si, n in per_token for _ in range(n)]
-        v_len = torch.tensor([len(si.modules) * si.rank for si in token_sites])
-        v_start = torch.cumsum(v_len, 0) - v_len
-        n_rows = torch.tensor([si.out_rows.numel() for si in token_sites])
-        n_vidx = torch.tensor([si.v_index.numel() for si in token_sites])
-        out_rows = torch.cat([_repeat(si.out_rows, n) for si, n in per_token])
-        out_rows += (tokens * chunks).repeat_interleave(n_rows)
-        v_index = torch.cat([_repeat(si.v_index, n) for si, n in per_token])
-        v_index += v_start.repeat_interleave(n_vidx)
-        bag_len = torch.tensor([si.rank for si in token_sites]).repeat_interleave(n_rows)
+        # where each run's v starts in the concatenated v (runs in `order`)
+        v_start, pos = {}, 0
+        for s, n, a in order:
+            v_start[s] = pos
+            pos += n * len(a.sites[site].modules) * a.rank
+        # per-chunk bag lengths of every row [0, rows): the runs', zeros in between
+        lens, expand, v_index, at = [], [], [], 0
+        for s, n, a in sparse:  # token order
+            si = a.sites[site]
+            if s > at:
+                lens.append(torch.zeros((s - at) * chunks, dtype=torch.long))
+            lens.append(_repeat(si.chunk_len, n))
+            expand.append(_repeat(si.expand, n, dim=1))
+            v_index.append(_repeat(si.v_index, n))
+            at = s + n
+        lens_t = torch.cat(lens)
+        # each expand index reads its token's v: + the v start of its token
+        ns = torch.tensor([n for _, n, _ in sparse])
+        v_len = torch.tensor([len(a.sites[site].modules) * a.rank for _, _, a in sparse])
+        per_token = torch.tensor([a.sites[site].v_index.numel() for _, _, a in sparse])
+        first = torch.tensor([v_start[s] for s, _, _ in sparse])
+        within = _tokens(torch.zeros_like(ns), ns)  # 0..n-1 in every run
+        token_v = first.repeat_interleave(ns) + within * v_len.repeat_interleave(ns)
+        v_index_t = torch.cat(v_index) + token_v.repeat_interleave(per_token.repeat_interleave(ns))
         return _SitePlan(
             h=h,
             groups=groups,
-            expand=expand.to(dev),
-            expand_offsets=(torch.cumsum(bag_len, 0) - bag_len).to(dev),
-            v_index=v_index.to(dev),
-            out_rows=out_rows.to(dev),
+            rows=at,
+            expand=torch.cat(expand, dim=1).to(dev),
+            expand_offsets=(torch.cumsum(lens_t, 0) - lens_t).to(dev),
+            v_index=v_index_t.to(dev),
             dense=dense,
         )
+
+    def _dense(self, site: str, start: int, n: int, adapter: PlacedAdapter) -> _Dense:
+        """One dense run: its adapter's matrices for every layer, gathered once."""
+        si = adapter.sites[site]
+        cols = site_columns(self.spec, site)
+        a_parts, b_parts = [], []
+        for m in si.modules:
+            a_t, b_t = self.dense_weights(adapter, None, m)
+            a_parts.append(a_t)
+            b_parts.append((cols[m], b_t))
+        a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, dim=2)
+        return _Dense(start, n, a, b_parts, adapter.rank)
 
     def _view(self, width: int) -> torch.Tensor:
         view = self._views.get(width)
@@ -209,22 +262,26 @@ class LoraBatch:
                 mode="sum",
                 per_sample_weights=v.index_select(0, plan.v_index),
             )
-            y.view(-1, plan.h).index_add_(0, plan.out_rows, delta)
-        if plan.dense:
-            cols = site_columns(self.spec, site)
-            for start, n, adapter in plan.dense:
-                xs = x[start : start + n]
-                for m in adapter.sites[site].modules:
-                    a_t, b_t = self.dense_weights(adapter, layer, m)
-                    c = cols[m]
-                    y[start : start + n, c : c + b_t.shape[1]] += (xs @ a_t) @ b_t
+            y[: plan.rows].add_(delta.view(plan.rows, -1))
+        for d in plan.dense:
+            ys = y[d.start : d.start + d.n]
+            v = x[d.start : d.start + d.n] @ d.a[layer]
+            r = d.rank
+            for k, (col, b) in enumerate(d.b):
+                out = ys[:, col : col + b.shape[2]]
+                out.addmm_(v[:, k * r : (k + 1) * r], b[layer])
 
-    def dense_weights(self, adapter: PlacedAdapter, layer: int, module: str):
+    def dense_weights(self, adapter: PlacedAdapter, layer: int | None, module: str):
+        """A^T [in, r] and (sB)^T [r, out] of one module, gathered into dense
+        tensors; layer None: every layer at once ([layers, in, r], [layers, r, out])."""
         return gather_weights(self.pool, self.spec, adapter, layer, module, self._view)
 
 
-def _tokens(members: list[AdaptedSegment]) -> torch.Tensor:
-    return torch.tensor([t for s, n, _ in members for t in range(s, s + n)], dtype=torch.long)
+def _tokens(starts: torch.Tensor, ns: torch.Tensor) -> torch.Tensor:
+    """The token indices of runs (start, n), in run order."""
+    total = int(ns.sum())
+    run_first = torch.cumsum(ns, 0) - ns
+    return (starts - run_first).repeat_interleave(ns) + torch.arange(total)
 
 
 def _repeat(t: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
