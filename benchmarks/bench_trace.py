@@ -6,16 +6,19 @@ ids and every request asks for an exact number of new tokens (ignore_eos). The
 trace is replayed through an in-process Engine (one asyncio task per request,
 submitted at its arrival time; no gRPC) for each fleet size in --adapters, all on
 the bench demo model (adapters adapter-000.. of one demo with the largest fleet).
+Fleet size 0 is the same trace on the base model only: the server's own ceiling,
+which the smallest adapter fleet is compared with (adapters nearly free means
+that ratio near 1).
 
 Memory is sized once, from the largest fleet, and shared by every run:
-- pool = --adapter-fraction (10%) of the fleet's adapter pages, measured by packing
+- pool = --adapter-fraction (3%) of the fleet's adapter pages, measured by packing
   every adapter exactly as the engine does, + KV room for --max-running sequences
   of the longest prompt + output, + the engine's 2% free-page watermark;
-- host cache = --host-fraction (15%) of the fleet's packed bytes.
+- host cache = --host-fraction (5%) of the fleet's packed bytes.
 With 256 requests at zipf 0.8 the 1000-adapter trace touches about 150 adapters
-(about 3000 pages, more than the whole pool) and the 100-adapter trace about 70,
-so the large fleet has to evict, while 100 adapters fit the host cache. (At zipf
-1.0, 256 requests touch only about 110 adapters, which fit the pool's free pages.)
+(about 3000 pages, several times the pool's adapter room) and the 100-adapter
+trace about 70, so both fleets load, evict and preempt all the time, the large
+one more: the scale case compares the two at the same memory.
 
 The peer is Hugging Face transformers + PEFT on the same checkpoint and the same
 trace: one PeftModel holding every adapter of the fleet (load_adapter per name),
@@ -75,7 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=256, help="requests per fleet size")
     p.add_argument("--rps", type=float, default=None, help="Poisson arrival rate (req/s)")
-    p.add_argument("--adapters", type=int_list, default=[8, 100, 1000], help="fleet sizes")
+    p.add_argument(
+        "--adapters",
+        type=int_list,
+        default=[0, 32, 100, 1000],
+        help="fleet sizes (0: the base model only)",
+    )
     p.add_argument("--zipf", type=float, default=0.8, help="popularity exponent (0 = uniform)")
     p.add_argument("--prompt", type=int_range, default=(16, 128), help="prompt tokens MIN:MAX")
     p.add_argument("--output", type=int_range, default=(16, 64), help="new tokens MIN:MAX")
@@ -90,13 +98,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--adapter-fraction",
         type=float,
-        default=0.10,
+        default=0.03,
         help="pool room for adapters, as a fraction of the largest fleet's pages",
     )
     p.add_argument(
         "--host-fraction",
         type=float,
-        default=0.15,
+        default=0.05,
         help="host cache, as a fraction of the largest fleet's packed bytes",
     )
     p.add_argument("--peer-batch", type=int, default=64, help="HF PEFT static batch size")
@@ -108,15 +116,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small smoke-test run")
     args = p.parse_args(argv)
     if args.quick:
-        args.requests, args.adapters = 24, [4, 16]
+        args.requests, args.adapters = 24, [0, 4, 16]
         args.prompt, args.output = (16, 48), (8, 24)
         args.max_running, args.peer_batch = 16, 8
         args.adapter_fraction = 0.4
         args.rps = args.rps or 40.0
     if args.rps is None:
         args.rps = 16.0
-    if args.requests < 1 or min(args.adapters) < 1 or args.rps <= 0:
-        p.error("--requests >= 1, --adapters >= 1 and --rps > 0 are required")
+    if args.requests < 1 or min(args.adapters) < 0 or max(args.adapters) < 1 or args.rps <= 0:
+        p.error("--requests >= 1, --adapters >= 0 (one of them >= 1) and --rps > 0 are required")
     if not 1 <= args.prompt[0] <= args.prompt[1] or not 1 <= args.output[0] <= args.output[1]:
         p.error("length ranges must satisfy 1 <= MIN <= MAX")
     return args
