@@ -650,7 +650,7 @@ async def test_invalid_requests_are_refused_by_name(make_engine):
 
     bad = [
         (GenerationRequest("v1", prompt="", params=SamplingParams()), "empty prompt"),
-        (GenerationRequest("v2", input_ids=[], params=SamplingParams()), "empty prompt"),
+        (GenerationRequest("v2", input_ids=[], params=SamplingParams()), "input_ids: {ids"),
         (params(max_new_tokens=0), "max_new_tokens"),
         (params(max_new_tokens=65), "max_new_tokens"),
         (make_request("v", prompt(1, 100), max_new_tokens=29), "context"),

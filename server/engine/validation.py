@@ -79,7 +79,13 @@ class RequestValidator:
                 f"{lim.max_model_len}",
                 field="input_ids",
             )
-        if request.input_ids:
+        if request.input_ids is not None:
+            if not request.input_ids:  # e.g. a bare list where the TokenIds wrapper goes
+                raise InvalidRequest(
+                    "input_ids.ids is empty: send at least one token id, inside the "
+                    "TokenIds wrapper: input_ids: {ids: [...]}",
+                    field="input_ids.ids",
+                )
             ids = list(request.input_ids)
             bad = [t for t in ids if not 0 <= t < lim.vocab_size]
             if bad:
