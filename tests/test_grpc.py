@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from lorapool.client import AsyncLoraPoolClient, LoraPoolClient, LoraPoolClientError
 from lorapool.client.trace import make_trace
-from lorapool.convert import error_info
+from lorapool.convert import bad_request, error_info
 from lorapool.demo import write_adapter
 from lorapool.types import FinishReason, GenerationRequest, SamplingParams
 from lorapool.v1 import lorapool_pb2 as pb
@@ -419,7 +419,12 @@ ERROR_CASES = {
     # name: (request fields, status, reason, words the message must hold)
     "empty prompt": ({"prompt": ""}, "INVALID_ARGUMENT", "INVALID_REQUEST", ["empty prompt"]),
     "no input": ({}, "INVALID_ARGUMENT", "INVALID_REQUEST", ["prompt or input_ids"]),
-    "empty input_ids": ({"input_ids": []}, "INVALID_ARGUMENT", "INVALID_REQUEST", ["empty"]),
+    "empty input_ids": (
+        {"input_ids": []},
+        "INVALID_ARGUMENT",
+        "INVALID_REQUEST",
+        ["input_ids.ids is empty", "input_ids: {ids: [...]}"],
+    ),
     "negative max_new_tokens": (
         {"prompt": "hello", "params": {"max_new_tokens": -5}},
         "INVALID_ARGUMENT",
@@ -510,6 +515,33 @@ def test_error_contract(stub, case, method):
     assert after.adapter_pages == before.adapter_pages, "a refused adapter took pages"
     assert after.generated_tokens == before.generated_tokens
     assert_pages_add_up(after)
+
+
+# What @grpc/proto-loader writes for {input_ids: [5, 6]}, a bare array where the TokenIds
+# wrapper goes: field 11 (input_ids) present and empty, the array dropped.
+BARE_ARRAY_INPUT_IDS = b"\x5a\x00"
+
+
+@pytest.mark.parametrize("method", ["Generate", "Complete"])
+def test_an_empty_input_names_the_input_that_was_empty(channel, method):
+    """An input_ids wrapper without ids is refused naming input_ids.ids and showing the
+    wrapper; an empty prompt keeps naming the prompt."""
+    message = pb.GenerateRequest if method == "Generate" else pb.CompleteRequest
+    assert message.FromString(BARE_ARRAY_INPUT_IDS).WhichOneof("input") == "input_ids"
+    raw = channel.unary_stream if method == "Generate" else channel.unary_unary
+    call = raw(f"/{SERVICE}/{method}")  # bytes in, bytes out: the request as sent
+    cases = [
+        (BARE_ARRAY_INPUT_IDS, "input_ids.ids", "input_ids: {ids: [...]}"),
+        (message(prompt="").SerializeToString(), "prompt", "empty prompt"),
+    ]
+    for request, field, words in cases:
+        err = rpc_error(call, request, timeout=10)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+        assert words in err.details()
+        info = error_info(err.trailing_metadata())
+        assert (info.reason, info.metadata["field"]) == ("INVALID_REQUEST", field)
+        (violation,) = bad_request(err.trailing_metadata()).field_violations
+        assert violation.field == field and words in violation.description
 
 
 def test_bad_request_does_not_harm_one_in_flight(stub):
