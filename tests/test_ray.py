@@ -580,7 +580,8 @@ def test_serve_ray_flags_reach_deploy_and_sigterm_drains(tiny_demo, monkeypatch)
     monkeypatch.setattr(cluster, "shutdown", lambda: calls.append(("shutdown", None)))
     flags = [
         *("--model", str(tiny_demo.model_dir), "--adapters", str(tiny_demo.adapters_dir)),
-        *("--replicas", "3", "--replica-cpus", "2", "--port", str(free_port())),
+        *("--replicas", "3", "--replica-cpus", "2", "--replica-gpus", "0.5"),
+        *("--port", str(free_port())),
         *("--address", "ray://head:10001", "--host", "127.0.0.1", "--routing", "random"),
         *("--grace", "7", "--load-bound", "1.5", "--load-floor", "4"),
     ]
@@ -595,6 +596,7 @@ def test_serve_ray_flags_reach_deploy_and_sigterm_drains(tiny_demo, monkeypatch)
     assert kwargs["address"] == "ray://head:10001" and kwargs["host"] == "127.0.0.1"
     assert (kwargs["replicas"], kwargs["replica_cpus"], kwargs["routing"]) == (3, 2.0, "random")
     assert (kwargs["load_bound"], kwargs["load_floor"]) == (1.5, 4)
+    assert kwargs["replica_gpus"] == 0.5
     assert drained == ("drain", 7.0) and shut == ("shutdown", None)
 
 

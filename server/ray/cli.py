@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         "--replica-cpus", type=float, default=1.0, help="Ray CPUs reserved per engine replica"
     )
     parser.add_argument(
+        "--replica-gpus",
+        type=float,
+        default=0.0,
+        help="Ray GPUs per engine replica (1 with --device cuda: one GPU each)",
+    )
+    parser.add_argument(
         "--address",
         help="join this Ray cluster: auto, or ray://head:10001 (default: start a local Ray "
         "instance)",
@@ -94,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         engine = engine_config(args, model, adapters, tokenizer)
         if args.grace < 0:
             raise StartupError("--grace must be at least 0")
+        if args.replica_cpus < 0 or args.replica_gpus < 0:
+            raise StartupError("--replica-cpus and --replica-gpus must be at least 0")
         if args.load_bound < 1 or args.load_floor < 1:
             raise StartupError("--load-bound and --load-floor must be at least 1")
         probe_port("gRPC", args.host, args.port)
@@ -110,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             port=args.port,
             replica_cpus=args.replica_cpus,
+            replica_gpus=args.replica_gpus,
             http_port=args.http_port,
             address=args.address,
             source_allow=allow,

@@ -32,9 +32,18 @@ from collections import OrderedDict
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
 TARGET = "replica"  # keyword that pins an engine call to one replica
+# (app, deployment) -> ids of the replicas the ReplicaRouter of this process routes to
+_ROUTABLE: dict[tuple[str, str], list[str]] = {}
 STICKY_LIMIT = 10_000  # adapter ids whose recent replicas are remembered (oldest first out)
 BOUND = 1.25
 FLOOR = 8
+
+
+def routable_replicas(app: str, deployment: str) -> list[str] | None:
+    """The replicas this process's router for the deployment can route to now (the
+    ids a `replica` keyword may name), or None before that router exists (Serve
+    creates it with the handle's first call)."""
+    return _ROUTABLE.get((app, deployment))
 
 
 def load_cap(total: int, replicas: int, bound: float, floor: int) -> int:
@@ -93,6 +102,15 @@ class ReplicaRouter(PowerOfTwoChoicesRequestRouter):
         ]
         ranks = [within[:2], least[:2], by_load]
         return [rank for rank in ranks if rank]
+
+    def update_replicas(self, replicas) -> None:
+        super().update_replicas(replicas)
+        # Serve ships this class to the ingress by value (cloudpickle), with globals
+        # of its own: the registry the ingress reads is the imported module's
+        from lorapool.server.ray import router
+
+        key = (self._deployment_id.app_name, self._deployment_id.name)
+        router._ROUTABLE[key] = sorted(r.replica_id.unique_id for r in replicas)
 
     def on_request_routed(self, pending_request, replica_id, result) -> None:
         super().on_request_routed(pending_request, replica_id, result)
