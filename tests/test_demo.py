@@ -297,6 +297,7 @@ def test_serve_without_model_says_it_serves_the_demo(monkeypatch, capsys, llama)
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser, "serve")
+    monkeypatch.setenv("LORAPOOL_DEMO_MODEL", "tiny")
     monkeypatch.setenv("LORAPOOL_DEMO_DIR", str(llama.root))  # same parameters: reused
     config = cli.config_from_args(parser.parse_args([]))
     assert config.engine.model_dir == str(llama.model_dir)
@@ -304,6 +305,12 @@ def test_serve_without_model_says_it_serves_the_demo(monkeypatch, capsys, llama)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "random-init demo model" in err[0]
     assert str(llama.root) in err[0] and "--model PATH" in err[0]
+    assert "adapter-000" in err[0]
+
+    monkeypatch.setenv("LORAPOOL_DEMO_MODEL", "huge")
+    with pytest.raises(cli.StartupError, match="LORAPOOL_DEMO_MODEL='huge'"):
+        cli.config_from_args(parser.parse_args([]))
+    monkeypatch.setenv("LORAPOOL_DEMO_MODEL", "tiny")
 
     cli.config_from_args(parser.parse_args(["--model", str(llama.model_dir)]))
     assert capsys.readouterr().err == ""

