@@ -128,7 +128,8 @@ async function main() {
 
   // 2. Token ids as input. input_ids is a TokenIds message (a oneof cannot hold a
   //    repeated field): {input_ids: {ids: [...]}}. A bare array, {input_ids: [5, 6]},
-  //    is dropped by the encoder and the server sees no input at all.
+  //    is dropped by the encoder: the server sees an empty input_ids and answers
+  //    INVALID_ARGUMENT naming the field input_ids.ids.
   const ids = await unary(client, 'Complete', {
     input_ids: { ids: [5, 6, 7, 8] },
     params: { max_new_tokens: 4, ignore_eos: true },
