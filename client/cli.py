@@ -18,8 +18,10 @@ COMMANDS = {
     "make-demo": ("lorapool.demo.cli", "write a random-init model and PEFT adapters"),
     "generate": ("lorapool.client.commands", "stream a generation to stdout"),
     "complete": ("lorapool.client.commands", "one-shot completion"),
+    "tokenize": ("lorapool.client.commands", "token ids of a text or chat, as generate sees them"),
     "adapters": ("lorapool.client.commands", "list | load | unload adapters"),
     "stats": ("lorapool.client.commands", "pool and scheduler statistics"),
+    "info": ("lorapool.client.commands", "the served model, its limits and its pool"),
     "bench": ("lorapool.client.bench", "load generator with a ghz-style report"),
 }
 

@@ -1,4 +1,4 @@
-"""Client subcommands of `lorapool`: generate, complete, adapters, stats.
+"""Client subcommands of `lorapool`: generate, complete, tokenize, adapters, stats, info.
 
 Output is for people by default (streamed text, aligned tables) and for programs
 with --json. A failed call prints one line with the status code to stderr and
@@ -106,22 +106,36 @@ def parse_ids(text: str) -> list[int]:
 # -- argparse wiring -------------------------------------------------------------------------
 
 
+# What the positional text of a command is called, in its help and its errors.
+TEXT_INPUT = {"generate": "prompt", "complete": "prompt", "tokenize": "text"}
+
+
+def add_input_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """A request's input: text (positional), token ids where the RPC takes them,
+    or a one-turn chat rendered with the model's chat template."""
+    what = TEXT_INPUT[name]
+    parser.add_argument(
+        "prompt", nargs="?", metavar=what, help=f"the {what}; '-' or omitted reads stdin"
+    )
+    if name != "tokenize":
+        parser.add_argument("--input-ids", type=parse_ids, help="token ids instead of a prompt")
+    parser.add_argument(
+        "--chat",
+        metavar="MESSAGE",
+        help=f"instead of a {what}: MESSAGE as the user's turn of a chat, rendered with "
+        "the model's chat template ('-' reads stdin)",
+    )
+    parser.add_argument(
+        "--system",
+        metavar="TEXT",
+        help="with --chat: a system turn before the user's (default: none)",
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     add_connection_arguments(parser)
     if name in ("generate", "complete"):
-        parser.add_argument("prompt", nargs="?", help="prompt text; '-' or omitted reads stdin")
-        parser.add_argument("--input-ids", type=parse_ids, help="token ids instead of a prompt")
-        parser.add_argument(
-            "--chat",
-            metavar="MESSAGE",
-            help="instead of a prompt: MESSAGE as the user's turn of a chat, rendered with "
-            "the model's chat template ('-' reads stdin)",
-        )
-        parser.add_argument(
-            "--system",
-            metavar="TEXT",
-            help="with --chat: a system turn before the user's (default: none)",
-        )
+        add_input_arguments(parser, name)
         parser.add_argument("--adapter", default="", help="adapter id; '' = the base model")
         parser.add_argument(
             "--priority", type=int, default=0, help="higher runs first, is preempted last"
@@ -152,7 +166,17 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
             action.add_argument(
                 "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
             )
-    elif name == "stats":
+    elif name == "tokenize":
+        add_input_arguments(parser, name)
+        parser.add_argument(
+            "--tokens", action="store_true", help="also print each token's text beside its id"
+        )
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="print JSON {token_ids, tokens} (tokens empty without --tokens)",
+        )
+    elif name in ("stats", "info"):
         parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     else:
         raise ValueError(f"no client command {name!r}")
@@ -162,8 +186,10 @@ def run(args: argparse.Namespace) -> int:
     handlers: dict[str, Callable[[LoraPoolClient, argparse.Namespace], int]] = {
         "generate": _generate,
         "complete": _complete,
+        "tokenize": _tokenize,
         "adapters": _adapters,
         "stats": _stats,
+        "info": _info,
     }
     try:
         with LoraPoolClient(args.target, **connection_kwargs(args)) as client:
@@ -182,27 +208,34 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _input(args: argparse.Namespace) -> dict[str, Any]:
-    given = [args.prompt is not None, args.input_ids is not None, args.chat is not None]
+    """The request's input from the flags add_input_arguments added: one of
+    {"prompt": text}, {"input_ids": ids} or {"chat": messages}."""
+    what = TEXT_INPUT[args.command]
+    input_ids = getattr(args, "input_ids", None)  # tokenize has no --input-ids
+    takes_ids = hasattr(args, "input_ids")
+    others = "--input-ids or --chat" if takes_ids else "--chat"
+    given = [args.prompt is not None, input_ids is not None, args.chat is not None]
     if sum(given) > 1:
-        raise ValueError("give one of a prompt, --input-ids or --chat")
+        choices = f"a {what}, --input-ids or --chat" if takes_ids else f"a {what} or --chat"
+        raise ValueError(f"give one of {choices}")
     if args.system is not None and args.chat is None:
         raise ValueError("--system goes with --chat")
-    if args.input_ids is not None:
-        return {"input_ids": args.input_ids}
+    if input_ids is not None:
+        return {"input_ids": input_ids}
     if args.chat is not None:
-        chat = [{"role": "user", "content": _text(args.chat, "--chat")}]
+        chat = [{"role": "user", "content": _text(args.chat, "--chat", others)}]
         if args.system is not None:
             chat.insert(0, {"role": "system", "content": args.system})
         return {"chat": chat}
-    return {"prompt": _text(args.prompt, "prompt")}
+    return {"prompt": _text(args.prompt, what, others)}
 
 
-def _text(value: str | None, what: str) -> str:
+def _text(value: str | None, what: str, others: str) -> str:
     """value, or stdin when it is '-' or missing."""
     if value is not None and value != "-":
         return value
     if sys.stdin.isatty():
-        raise ValueError(f"no {what}: pass one, pipe it on stdin, or use --input-ids or --chat")
+        raise ValueError(f"no {what}: pass one, pipe it on stdin, or use {others}")
     return sys.stdin.read()
 
 
@@ -313,6 +346,27 @@ def _adapters(client: LoraPoolClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _fields(values: dict[str, Any], notes: dict[str, str]) -> str:
+    """One aligned `key  value  (note)` line per field, as stats and info print them."""
+    width = max(len(k) for k in values)
+    lines = []
+    for key, value in values.items():
+        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
+        note = f"  ({notes[key]})" if key in notes else ""
+        lines.append(f"{key.ljust(width)}  {shown}{note}".rstrip())
+    return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    """n bytes in binary units: 65536 -> '64.0 KiB'."""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
 def _stats(client: LoraPoolClient, args: argparse.Namespace) -> int:
     stats = client.stats()
     if args.json:
@@ -320,11 +374,47 @@ def _stats(client: LoraPoolClient, args: argparse.Namespace) -> int:
         return 0
     values = dataclasses.asdict(stats)
     total = stats.total_pages or 1
-    width = max(len(k) for k in values)
-    for key, value in values.items():
-        note = ""
-        if key.endswith("_pages") and key != "total_pages":
-            note = f"  ({100.0 * value / total:.1f}%)"
-        shown = f"{value:.1f}" if isinstance(value, float) else str(value)
-        print(f"{key.ljust(width)}  {shown}{note}")
+    notes = {
+        key: f"{100.0 * value / total:.1f}%"
+        for key, value in values.items()
+        if key.endswith("_pages") and key != "total_pages"
+    }
+    print(_fields(values, notes))
+    return 0
+
+
+def _info(client: LoraPoolClient, args: argparse.Namespace) -> int:
+    info = client.model_info()
+    if args.json:
+        print(json.dumps(to_jsonable(info)))
+        return 0
+    notes = {
+        "page_bytes": _bytes(info.page_bytes),
+        "total_pages": f"a pool of {_bytes(info.total_pages * info.page_bytes)}",
+    }
+    if info.eos_token_id < 0:
+        notes["eos_token_id"] = "none"
+    print(_fields(dataclasses.asdict(info), notes))
+    return 0
+
+
+# -- tokenizer -------------------------------------------------------------------------------
+
+
+def _tokenize(client: LoraPoolClient, args: argparse.Namespace) -> int:
+    """Ids on one line by default, so they can be passed on as --input-ids; with
+    --tokens an ID/TOKEN table, each token quoted as a JSON string (spaces and
+    control characters stay visible)."""
+    given = _input(args)
+    result = client.tokenize(given.get("prompt"), chat=given.get("chat"), return_tokens=args.tokens)
+    if args.json:
+        print(json.dumps(to_jsonable(result)))
+    elif args.tokens:
+        rows = [
+            [str(token_id), json.dumps(token, ensure_ascii=False)]
+            for token_id, token in zip(result.token_ids, result.tokens, strict=True)
+        ]
+        print(_table(["ID", "TOKEN"], rows))
+    else:
+        print(" ".join(map(str, result.token_ids)))
     return 0
