@@ -2,14 +2,13 @@
 request ids on the stream, finish reasons by name in JSON, errors with their field
 violations, mutual TLS, and retries on UNAVAILABLE for the idempotent calls only.
 
-Most tests run against a real server on the tiny demo; the retry and
-client-certificate-required tests use small in-process gRPC servers of their own.
+Most tests run against a real server on the tiny demo; the retry tests use a small
+in-process gRPC server of their own. Servers that require a client certificate
+(`lorapool serve --tls-client-ca`) are tested in tests/test_tls.py.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import pickle
 from collections import Counter
@@ -19,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pki import write_pki
 
 from lorapool.client import (
     AsyncLoraPoolClient,
@@ -35,79 +35,10 @@ from lorapool.types import FinishReason, TokenEvent, Usage
 from lorapool.v1 import lorapool_pb2 as pb
 from lorapool.v1 import lorapool_pb2_grpc as pb_grpc
 
-# -- certificates ----------------------------------------------------------------------------
-
-
-def _write_pki(root: Path) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate,
-    all signed by the CA, as PEM files under `root`."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def issue(subject, key, issuer, issuer_key, *extensions):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(issuer)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-        for ext, critical in extensions:
-            builder = builder.add_extension(ext, critical=critical)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = issue(
-        name("lorapool test CA"),
-        ca_key,
-        name("lorapool test CA"),
-        ca_key,
-        (x509.BasicConstraints(ca=True, path_length=None), True),
-        (x509.KeyUsage(True, False, False, False, False, True, True, False, False), True),
-    )
-    files = {"ca": ca}
-    keys = {}
-    for who, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", None)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        exts = [(x509.BasicConstraints(ca=False, path_length=None), True)]
-        if usage is not None:
-            san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            exts += [
-                (x509.SubjectAlternativeName(san), False),
-                (x509.ExtendedKeyUsage([usage]), False),
-            ]
-        else:
-            exts.append((x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False))
-        files[who] = issue(name(f"lorapool test {who}"), key, ca.subject, ca_key, *exts)
-        keys[who] = key
-    paths = {}
-    for label, cert in files.items():
-        paths[label] = root / f"{label}.crt"
-        paths[label].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    for label, key in keys.items():
-        paths[f"{label}_key"] = root / f"{label}.key"
-        paths[f"{label}_key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return paths
-
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> dict[str, Path]:
-    return _write_pki(tmp_path_factory.mktemp("pki"))
+    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +49,9 @@ def server(start_server):
 
 @pytest.fixture(scope="module")
 def tls_server(start_server, pki):
-    """The same on TLS: it presents a certificate from the test CA and does not ask
-    for a client certificate (lorapool serve has no option to require one)."""
+    """The same on TLS: it presents a certificate from the test CA and, without
+    tls_client_ca, does not ask for a client certificate, so clients with and
+    without one are served."""
     return start_server(
         engine={"max_new_tokens_limit": 64},
         tls_cert=str(pki["server"]),
@@ -283,41 +215,6 @@ def test_cli_tls_flags(tls_server, pki, capsys):
     assert json.loads(capsys.readouterr().out)["finish_reason"] == "LENGTH"
     assert cli.main(argv[:6] + argv[8:]) == 2  # --tls-cert without --tls-key
     assert "--tls-cert and --tls-key" in capsys.readouterr().err
-
-
-def _health_server(credentials: grpc.ServerCredentials) -> tuple[grpc.Server, str]:
-    from grpc_health.v1 import health
-
-    srv = grpc.server(futures.ThreadPoolExecutor(4))
-    checker = health.HealthServicer()
-    checker.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(checker, srv)
-    port = srv.add_secure_port("127.0.0.1:0", credentials)
-    srv.start()
-    return srv, f"127.0.0.1:{port}"
-
-
-def test_client_certificate_reaches_a_server_that_requires_one(pki):
-    creds = grpc.ssl_server_credentials(
-        [(pki["server_key"].read_bytes(), pki["server"].read_bytes())],
-        root_certificates=pki["ca"].read_bytes(),
-        require_client_auth=True,
-    )
-    srv, target = _health_server(creds)
-    try:
-        mtls = {
-            "root_certificates": pki["ca"],
-            "tls_cert": pki["client"],
-            "tls_key": pki["client_key"],
-        }
-        with LoraPoolClient(target, timeout=10, **mtls) as client:
-            assert client.health() == "SERVING"
-        with LoraPoolClient(target, root_certificates=pki["ca"], timeout=5, retries=0) as anon:
-            with pytest.raises(LoraPoolClientError) as err:
-                anon.health()
-            assert err.value.code == grpc.StatusCode.UNAVAILABLE
-    finally:
-        srv.stop(None)
 
 
 # -- retries ---------------------------------------------------------------------------------
