@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -252,17 +254,61 @@ def gather_weights(pool: PagePool, spec: ModelSpec, adapter: PlacedAdapter, laye
     return a_t, b_t
 
 
-def verify_layout(layout: PageLayout, spec: ModelSpec, packed: PackedAdapter, dtype) -> None:
-    """Place `packed` into scratch pages in scattered (descending) order and read every
-    matrix back through the kernels' index path; any difference from the packed
-    source raises AdapterIncompatible naming the layer and module.
+# Layout signatures whose every matrix read back exactly: the check runs once per
+# signature (a few hundred at most in practice: ranks x target sets), not per load.
+_VERIFIED: OrderedDict[tuple, None] = OrderedDict()
+_VERIFIED_MAX = 1024
+_verified_lock = threading.Lock()
 
-    Page ids enter the index math only as `page * page_elems`, so a layout that reads
-    back exactly from scattered scratch pages reads back exactly from any pages. The
-    check runs where adapters load (a loader thread), so a mismatch is refused like
-    any other bad adapter and costs the step thread nothing."""
+
+def layout_signature(layout: PageLayout, spec: ModelSpec, packed: PackedAdapter) -> tuple:
+    """Everything the index math of a packed adapter depends on: the page size, the
+    rank, the run's length, each targeted module's shape and every matrix's offset.
+    Weight values and page ids never enter it."""
+    modules = sorted({m for _, m in packed.offsets})
+    return (
+        layout.page_elems,
+        packed.rank,
+        packed.flat.numel(),
+        tuple((m, spec.module_shape(m)) for m in modules),
+        tuple(sorted(packed.offsets.items())),
+    )
+
+
+def verify_layout(layout: PageLayout, spec: ModelSpec, packed: PackedAdapter, dtype) -> None:
+    """Place a probe of `packed`'s layout into scratch pages in scattered
+    (descending) order and read every matrix back through the kernels' index path;
+    any difference raises AdapterIncompatible naming the layer and module.
+
+    The probe holds each element's own index (float64, exact), not the adapter's
+    weights, so a misread can never hide behind equal values (an untrained LoRA's
+    B is all zeros); the index math counts elements, so `dtype` does not enter
+    it. Page ids enter it only as `page * page_elems`, so a layout that reads back
+    exactly from scattered scratch pages reads back exactly from any pages; and
+    since nothing else enters it, a signature (`layout_signature`) checked once
+    is not checked again. The check runs where adapters load (a loader thread), so
+    a mismatch is refused like any other bad adapter and costs the step thread
+    nothing."""
+    key = layout_signature(layout, spec, packed)
+    with _verified_lock:
+        if key in _VERIFIED:
+            _VERIFIED.move_to_end(key)
+            return
+    probe = PackedAdapter(
+        flat=torch.arange(packed.flat.numel(), dtype=torch.float64),
+        rank=packed.rank,
+        offsets=packed.offsets,
+    )
+    _read_back(layout, spec, probe)
+    with _verified_lock:
+        _VERIFIED[key] = None
+        while len(_VERIFIED) > _VERIFIED_MAX:
+            _VERIFIED.popitem(last=False)
+
+
+def _read_back(layout: PageLayout, spec: ModelSpec, packed: PackedAdapter) -> None:
     n = packed.num_pages(layout.page_elems)
-    scratch = PagePool(layout, n + 1, dtype, "cpu")
+    scratch = PagePool(layout, n + 1, packed.flat.dtype, "cpu")
     placed = place_adapter(scratch, spec, packed, list(range(n, 0, -1)), key="verify")
     views: dict[int, torch.Tensor] = {}
 
