@@ -112,6 +112,8 @@ def test_version_falls_back_to_pyproject(monkeypatch):
         ["stats", "--json"],
         ["generate", "x", "--json"],
         ["complete", "x", "--json"],
+        ["tokenize", "x", "--json"],
+        ["info", "--json"],
     ],
     ids=" ".join,
 )
