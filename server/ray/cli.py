@@ -142,8 +142,11 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(1.0):
             pass
         log.info("signal received: draining for up to %.0fs", args.grace)
-        left = drain(args.grace)
-        log.info("drained (%d calls still under way): shutting down", left)
+        try:
+            left = drain(args.grace)
+            log.info("drained (%d calls still under way): shutting down", left)
+        except Exception as exc:  # shut down all the same
+            log.warning("drain failed (%s): shutting down", exc)
     finally:
         shutdown()
     print("lorapool serve-ray: stopped", file=sys.stderr, flush=True)
