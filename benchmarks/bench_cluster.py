@@ -7,9 +7,11 @@ The trace is client/trace.py's: --adapters adapters (hundreds) with power-law
 request (ignore_eos, greedy), driven closed loop with --concurrency workers by
 `lorapool bench`'s run_bench (one Generate stream per request). Each run starts a
 fresh server in a subprocess (no adapter preloaded), sends a few base-model
-requests to warm it up, then --warmup requests of the same trace with another
-seed, so that adapters are where routing put them (steady state), then the
-measured trace.
+requests to warm it up, then --warmup short requests (1-2 new tokens) with the
+same adapter popularity and another seed, so that most adapters have been
+placed where routing puts them (steady state: a first load, which every policy
+pays once per adapter, would otherwise dominate a short trace over hundreds of
+adapters), then the measured trace.
 
 - serve: `lorapool serve` with OMP_NUM_THREADS = --replicas x --replica-cpus and
   the replicas' device pools together (--pool-mib x --replicas);
@@ -78,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--warmup",
         type=int,
         default=None,
-        help="trace requests before measuring (default --requests)",
+        help="short trace requests before measuring (default 4 x --requests)",
     )
     p.add_argument("--host-cache-mib", type=float, default=1024.0)
     p.add_argument("--max-running", type=int, default=32)
@@ -92,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.requests, args.concurrency, args.adapters = 48, 8, 24
         args.prompt, args.output = (8, 24), (4, 12)
-    args.warmup = args.requests if args.warmup is None else args.warmup
+    args.warmup = 4 * args.requests if args.warmup is None else args.warmup
     args.runs = [r for r in args.runs.split(",") if r]
     if set(args.runs) - set(RUNS):
         p.error(f"--runs: choose from {','.join(RUNS)}")
@@ -210,9 +212,9 @@ async def measure(run: str, args, target: str, vocab: int) -> dict:
     async with AsyncLoraPoolClient(target, timeout=600, retries=0) as client:
         for _ in range(2):
             await asyncio.gather(*(_drain(client.generate(**w)) for w in warm_requests(vocab)))
-    if args.warmup:  # the same trace's distribution, another seed: steady state first
+    if args.warmup:  # the same popularity, another seed, 1-2 new tokens: steady state first
         warm = bench_config(args, vocab)
-        warm.total, warm.seed = args.warmup, args.seed + 1
+        warm.total, warm.seed, warm.max_new_tokens = args.warmup, args.seed + 1, (1, 2)
         await run_bench_async(target, warm)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.LoraPoolServiceStub(channel)
