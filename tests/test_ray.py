@@ -1,7 +1,10 @@
 """`lorapool serve-ray` end to end: one local Ray instance for the module, the tiny
 demo on two engine replicas behind Serve's gRPC proxy. Greedy outputs match an
 in-process Engine, an adapter's requests stay on one replica, errors keep their
-status and ErrorInfo, admin calls reach every replica. The deployment checks an
+status and ErrorInfo, admin calls reach every replica, GetStats lists each
+replica, cancelled streams stop on their replica, and a drain (last: it ends the
+shared cluster's service) finishes streams while health says NOT_SERVING. The
+router's ranking, the --host hook and the flags are tested without Ray running. The deployment checks an
 inference and an admin key (the rules of `lorapool serve`, transport.auth.authorize,
 unit-tested here too), so the tests' stubs send them."""
 
