@@ -190,15 +190,14 @@ class Engine:
         seq = Sequence(request, ids)
         seq.adapter_entry = None
         if request.adapter_id:
-            entry = self.adapters.entry(request.adapter_id)
-            seq.adapter_entry = entry
-            fut = self.adapters.ensure_host(entry)
-            if fut.done() and fut.exception() is not None:
-                raise fut.exception()
-            self.loop.watch_load(entry, fut)
+            entry = seq.adapter_entry = self.adapters.entry(request.adapter_id)
+            if self.adapters.cache.is_loading(entry):  # join a load in flight
+                self.loop.watch_load(entry, self.adapters.ensure_host(entry))
         req = RequestStream(seq, IncrementalDetokenizer(self.tokenizer, request.params.stop))
         self._requests[request.request_id] = req
         self.scheduler.add(seq)
+        # its adapter's load starts now if the request is near enough the front
+        self.loop.start_loads()
         self.loop.wake.set()
         return req
 

@@ -3,7 +3,8 @@ releases the GIL, so streaming, admission and cancellation stay responsive) and
 turns the sampled tokens into events on each request's stream.
 
 Between steps it does the housekeeping only the loop may do: cancelled requests
-end, adapters whose host copy was evicted are reloaded, and pins are placed. Every
+end, the adapters of the waiting requests nearest the front are loaded into host
+memory (first loads, and reloads of evicted host copies), and pins are placed. Every
 state change that can let work proceed sets `wake`; the loop sleeps otherwise."""
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class StepLoop:
         """One turn of the loop: housekeeping, then schedule and run one step."""
         self._reap_aborted()
         await self._place_pinned(loop)
-        self._reload_evicted_host_copies()
+        self.start_loads()
         if not self.scheduler.has_work():
             self.wake.clear()
             await self.wake.wait()
@@ -187,14 +188,14 @@ class StepLoop:
         for req in [r for r in self.streams.values() if r.aborted and not r.done]:
             self.finish(req, FinishReason.CANCELLED)
 
-    def _reload_evicted_host_copies(self) -> None:
-        """A waiting request whose adapter lost its host copy triggers a new load,
-        but only for the requests nearest the front of the queue: as many distinct
-        adapters (not in the pool) as the host cache holds. When waiting requests
-        use more adapters than the cache holds, reloading all of them makes the
-        loads evict one another's copies before any is placed (measured on
-        bench_trace's 1000-adapter fleet: 2705 loads for 256 requests). The first
-        such adapter always qualifies, whatever its size."""
+    def start_loads(self) -> None:
+        """Start the host loads of the waiting requests nearest the front of the
+        queue whose adapter is neither in host memory, nor in the pool, nor loading
+        (never loaded, or its host copy was evicted): as many distinct adapters
+        (not in the pool) as the host cache holds, the first always. Loading for
+        every waiting request when they use more adapters than the cache holds
+        makes the loads evict one another's copies before any is placed (measured
+        on bench_trace's 1000-adapter fleet: 2705 loads for 256 requests)."""
         room = self.adapters.host_cache_bytes
         seen: set[str] = set()
         first = True
