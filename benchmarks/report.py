@@ -12,7 +12,8 @@ Four figures, each measured here by the command shown beside it:
 
 Everything measured goes to --data (.cache/bench/report.json) first; the
 markdown and PNGs are drawn from that file alone, so `--from-data` redraws them
-without measuring.
+without measuring, and `--only engine,load` measures those parts again and keeps
+the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from common import int_list, machine
@@ -47,8 +47,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--rps", type=lambda s: [float(v) for v in s.split(",")], default=[2, 4, 6, 8, 12]
     )
     p.add_argument("--load-seconds", type=float, default=10.0, help="arrivals per load level")
+    p.add_argument(
+        "--only",
+        type=lambda s: [v for v in s.split(",") if v],
+        default=None,
+        help="measure only these parts (engine,peers,load,pool), keep the rest from --data",
+    )
     p.add_argument("--quick", action="store_true", help="small smoke-test run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.only or ()) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    return args
 
 
 # -- measuring -------------------------------------------------------------------------------
@@ -159,18 +169,26 @@ def measure_pool(args) -> dict:
     }
 
 
+PARTS = {
+    "engine": measure_engine,
+    "peers": measure_peers,
+    "load": measure_load,
+    "pool": measure_pool,
+}
+
+
 def collect(args) -> dict:
-    t0 = time.perf_counter()
-    data = {}
-    for name, fn in (
-        ("engine", measure_engine),
-        ("peers", measure_peers),
-        ("load", measure_load),
-        ("pool", measure_pool),
-    ):
+    """Measure the parts named by --only (all by default); the others are kept
+    from --data."""
+    data = json.loads(args.data.read_text()) if args.only and args.data.is_file() else {}
+    missing = [p for p in PARTS if p not in data and p not in (args.only or PARTS)]
+    if missing:
+        raise SystemExit(f"{args.data} lacks {', '.join(missing)}: measure them too")
+    for name, fn in PARTS.items():
+        if args.only and name not in args.only:
+            continue
         print(f"== {name}", flush=True)
         data[name] = fn(args)
-    data["seconds"] = time.perf_counter() - t0
     return data
 
 

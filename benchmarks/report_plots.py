@@ -81,6 +81,8 @@ def plot_load(load: dict, path: Path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(SIZE[0], SIZE[1]))
     for key, ax, title in (("ttft_ms", a, "time to first token"), ("itl_ms", b, "inter-token")):
         for p, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+            if not any(p in lv[key] for lv in levels):
+                continue
             ys = [lv[key].get(p) for lv in levels]
             ax.plot(xs, [float("nan") if y is None else y for y in ys], style, label=p)
         ax.set_yscale("log")
