@@ -66,6 +66,7 @@ class Cluster(NamedTuple):
     channel: grpc.Channel  # sends no key
     stub: pb_grpc.LoraPoolServiceStub  # sends the inference key
     admin: pb_grpc.LoraPoolServiceStub  # sends the admin key
+    metrics_url: str  # the fleet's /metrics endpoint
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def cluster(tiny_demo):
     from lorapool.server.engine.config import EngineConfig
     from lorapool.server.ray.cluster import deploy, shutdown
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     config = EngineConfig(
         model_dir=str(tiny_demo.model_dir),
         adapter_dirs=[str(tiny_demo.adapters_dir)],
@@ -91,12 +92,17 @@ def cluster(tiny_demo):
             num_cpus=2,
             api_key=USER_KEY,
             admin_api_key=ADMIN_KEY,
+            metrics_port=metrics_port,
+            metrics_host="127.0.0.1",
         )
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         user = grpc.intercept_channel(channel, _SendKey(USER_KEY))
         admin = grpc.intercept_channel(channel, _SendKey(ADMIN_KEY))
         yield Cluster(
-            channel, pb_grpc.LoraPoolServiceStub(user), pb_grpc.LoraPoolServiceStub(admin)
+            channel,
+            pb_grpc.LoraPoolServiceStub(user),
+            pb_grpc.LoraPoolServiceStub(admin),
+            f"http://127.0.0.1:{metrics_port}/metrics",
         )
         channel.close()
     finally:
@@ -184,6 +190,133 @@ def test_cancelled_streams_stop_on_their_replicas(cluster):
         assert own.free_pages + own.cached_pages + own.adapter_pages == own.total_pages
     generated = stats.generated_tokens - before
     assert generated < len(calls) * long.max_new_tokens // 4, generated
+
+
+def _scrape(url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of one scrape: (name, labels) -> value."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(url, timeout=30) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_serve_every_replica_labelled_with_its_id(cluster):
+    """One /metrics port for the fleet: each replica's samples carry replica=<id>
+    (the ids of GetStats), and a request moves its replica's counters only."""
+    replicas = sorted(r.replica_id for r in _fleet_stats(cluster.stub).replicas)
+    assert len(replicas) == REPLICAS
+    before = _scrape(cluster.metrics_url)
+    assert before[("lorapool_replicas_scraped", frozenset())] == REPLICAS
+    for replica in replicas:
+        assert ("lorapool_pool_pages", frozenset({("owner", "free"), ("replica", replica)})) in (
+            before
+        )
+        info = [k for k in before if k[0] == "lorapool_lora_requests_info"]
+        assert any(("replica", replica) in labels for _, labels in info), info
+    adapter = "adapter-009"
+    cluster.stub.Complete(_request(adapter, PROMPTS[0], pb.CompleteRequest), timeout=60)
+    listed = {a.adapter_id: a for a in cluster.stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
+    (holder,) = listed[adapter].replicas
+    after = _scrape(cluster.metrics_url)
+
+    def tokens(samples, replica):
+        key = frozenset({("adapter", adapter), ("replica", replica)})
+        return samples.get(("lorapool_generated_tokens_total", key), 0.0)
+
+    assert tokens(after, holder) - tokens(before, holder) == GREEDY.max_new_tokens
+    for other in set(replicas) - {holder}:
+        assert tokens(after, other) == tokens(before, other)
+
+
+def _advertised(replica: str) -> list[str]:
+    """What the engine replica advertises to Serve's router (its multiplex cache)."""
+    from ray import serve
+
+    from lorapool.server.ray.deployments import APP_NAME, ENGINE_NAME
+
+    handle = serve.get_deployment_handle(ENGINE_NAME, APP_NAME)
+    return handle.advertised.remote(replica=replica).result(timeout_s=30)[1]
+
+
+def test_advertised_adapters_follow_the_engines_residency(cluster):
+    """An adapter its engine no longer holds (here unloaded; the same holds for
+    the host cache's evictions) leaves the replica's entry in Serve's table within
+    a second, and a later request loads it again."""
+    adapter = "adapter-016"
+    request = _request(adapter, PROMPTS[1], pb.CompleteRequest)
+    expected = list(cluster.stub.Complete(request, timeout=60).token_ids)
+    listed = {a.adapter_id: a for a in cluster.stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
+    (holder,) = listed[adapter].replicas
+    assert adapter in _advertised(holder)
+    # one replica holds it: the fleet's UnloadAdapter succeeds
+    cluster.admin.UnloadAdapter(pb.UnloadAdapterRequest(adapter_id=adapter), timeout=30)
+    deadline = time.monotonic() + 3.0
+    while adapter in _advertised(holder) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert adapter not in _advertised(holder)
+    # held nowhere now: every replica answers NOT_FOUND, and so does the fleet
+    unload = pb.UnloadAdapterRequest(adapter_id=adapter)
+    assert _error(lambda: cluster.admin.UnloadAdapter(unload, timeout=30)) == (
+        grpc.StatusCode.NOT_FOUND,
+        "ADAPTER_NOT_FOUND",
+    )
+    assert list(cluster.stub.Complete(request, timeout=60).token_ids) == expected
+    listed = {a.adapter_id: a for a in cluster.stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
+    assert len(listed[adapter].replicas) == 1
+    assert adapter in _advertised(listed[adapter].replicas[0])
+
+
+class _Multiplexer:
+    """What prune_advertised reads of Serve's multiplex cache."""
+
+    def __init__(self, models, loading=()):
+        self.models = dict.fromkeys(models)
+        self._model_load_tasks = set(loading)
+        self._push_multiplexed_replica_info = False
+
+
+def test_pruning_keeps_what_the_engine_holds_and_what_is_loading():
+    from lorapool.server.ray.engine import prune_advertised
+
+    cache = _Multiplexer(["held", "evicted", "loading"], loading=["loading"])
+    assert prune_advertised(cache, {"held"}) == ["evicted"]
+    assert list(cache.models) == ["held", "loading"] and cache._push_multiplexed_replica_info
+    unchanged = _Multiplexer(["held"])
+    assert prune_advertised(unchanged, {"held", "other"}) == []
+    assert not unchanged._push_multiplexed_replica_info
+
+
+def test_engine_holdings_count_adapters_of_queued_requests():
+    """An adapter evicted from host memory with a request waiting for it stays
+    advertised: the engine reloads it for that request."""
+    from types import SimpleNamespace
+
+    from lorapool.server.ray.engine import engine_holdings
+    from lorapool.types import AdapterState
+
+    infos = [
+        SimpleNamespace(adapter_id=a, state=s)
+        for a, s in [
+            ("known", AdapterState.KNOWN),
+            ("host", AdapterState.HOST),
+            ("device", AdapterState.DEVICE),
+            ("loading", AdapterState.LOADING),
+            ("waited-for", AdapterState.KNOWN),
+        ]
+    ]
+    scheduler = SimpleNamespace(
+        running=[SimpleNamespace(adapter_id="")],
+        waiting=[SimpleNamespace(adapter_id="waited-for")],
+    )
+    engine = SimpleNamespace(list_adapters=lambda: infos, scheduler=scheduler)
+    assert engine_holdings(engine) == {"host", "device", "loading", "waited-for"}
 
 
 def _error(call) -> tuple[grpc.StatusCode, str]:
@@ -530,6 +663,32 @@ def test_router_keeps_an_adapter_on_its_holder_until_the_cap_then_spreads(monkey
     assert _route(router, "hot", replicas, "h4") == "c"
 
 
+def test_router_forgets_unconfirmed_holders_after_the_sticky_period(monkeypatch):
+    """A replica the router sent an adapter to counts as its holder for STICKY_S
+    only; after that, only Serve's table (which follows the engines) says so."""
+    from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+
+    from lorapool.server.ray import router as module
+
+    monkeypatch.setattr(PowerOfTwoChoicesRequestRouter, "on_request_routed", lambda *a: None)
+    now = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: now[0])
+    replicas = ["a", "b", "c", "d"]
+    router = _router(floor=8)
+    first = _route(router, "x", replicas, "x0")
+    router._inflight = dict.fromkeys(replicas, 0)  # as if it completed
+
+    def holders():
+        return [r.replica_id.unique_id for r in router.rank("x", candidates)[0]]
+
+    candidates = [_Replica(_Id(r)) for r in replicas]
+    now[0] += module.STICKY_S - 1
+    assert holders() == [first]  # still counted as the holder
+    now[0] += 2
+    ranks = router.rank("x", candidates)
+    assert len(ranks[0]) == 2  # no holder any more: two of the least loaded
+
+
 # -- --host, --address and the signal path, without starting Ray --------------------------------
 
 
@@ -587,6 +746,7 @@ def test_serve_ray_flags_reach_deploy_and_sigterm_drains(tiny_demo, monkeypatch)
         *("--port", str(free_port())),
         *("--address", "ray://head:10001", "--host", "127.0.0.1", "--routing", "random"),
         *("--grace", "7", "--load-bound", "1.5", "--load-floor", "4"),
+        *("--metrics-port", str(free_port()), "--metrics-host", "127.0.0.1"),
     ]
     args = command_parser("serve-ray", cli).parse_args(flags)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -600,6 +760,8 @@ def test_serve_ray_flags_reach_deploy_and_sigterm_drains(tiny_demo, monkeypatch)
     assert (kwargs["replicas"], kwargs["replica_cpus"], kwargs["routing"]) == (3, 2.0, "random")
     assert (kwargs["load_bound"], kwargs["load_floor"]) == (1.5, 4)
     assert kwargs["replica_gpus"] == 0.5
+    assert kwargs["metrics_port"] == int(flags[flags.index("--metrics-port") + 1])
+    assert kwargs["metrics_host"] == "127.0.0.1"
     assert drained == ("drain", 7.0) and shut == ("shutdown", None)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import signal
 import sys
 import threading
@@ -73,6 +74,16 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
         help="affinity: in-flight a holder may always reach (no spreading below it)",
     )
     parser.add_argument("--grace", type=float, default=30.0, help="drain period on SIGTERM (s)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("LORAPOOL_METRICS_PORT", "9464")),
+        help="Prometheus /metrics port of the whole fleet (every replica's samples, labelled "
+        "replica=<id>), open without a key; 0 = off (env LORAPOOL_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--metrics-host", help="address /metrics binds (default: --host), e.g. 127.0.0.1"
+    )
     add_engine_flags(parser)
     add_source_rule_flag(parser)
     add_key_flags(parser)
@@ -105,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         if args.load_bound < 1 or args.load_floor < 1:
             raise StartupError("--load-bound and --load-floor must be at least 1")
         probe_port("gRPC", args.host, args.port)
+        if args.metrics_port:
+            probe_port("metrics", args.metrics_host or args.host, args.metrics_port)
     except StartupError as exc:
         print(f"lorapool serve-ray: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -129,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
             load_floor=args.load_floor,
             host=args.host,
             http_host=args.http_host,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
         # after ray.init, whose own SIGTERM handler would end the process at once
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from lorapool.server.ray.deployments import APP_NAME, SERVICER_FUNCTIONS, build_app
+from lorapool.server.ray.metrics import serve_fleet_metrics
 from lorapool.server.ray.proxy import HOST_ENV, WILDCARDS
 from lorapool.server.ray.router import BOUND, FLOOR
 
@@ -20,6 +21,7 @@ log = logging.getLogger("lorapool.ray")
 ROUTE_PREFIX = f"/{APP_NAME}"  # with one application, gRPC calls need no `application` key
 INGRESS_CPUS = 0.1
 DELIVERY_S = 0.5
+_metrics_http = None  # (server, thread) of the fleet's /metrics endpoint, when open
 
 
 def local_cpus(replicas: int, replica_cpus: float) -> int:
@@ -47,17 +49,26 @@ def deploy(
     load_floor: int = FLOOR,
     host: str = "0.0.0.0",
     http_host: str = "127.0.0.1",
+    metrics_port: int = 0,
+    metrics_host: str | None = None,
 ) -> None:
     """Start (or join) Ray, start Serve with the gRPC proxy on host:port and run
     the application; returns once every replica is ready. Serve has no option for
     the gRPC proxy's address: a host other than every interface travels to the
     proxy's process in the job's runtime_env (proxy.bind_grpc_host), so it holds
     for proxies this job starts, not for a Serve instance already running on a
-    joined cluster. http_host is where Serve's HTTP proxy listens."""
+    joined cluster. http_host is where Serve's HTTP proxy listens. A metrics_port
+    opens the fleet's /metrics endpoint in this process (server/ray/metrics.py) on
+    metrics_host (default: host), before anything starts, so that a busy port fails
+    at once (OSError)."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
+    global _metrics_http
+    if metrics_port and _metrics_http is None:
+        _metrics_http = serve_fleet_metrics(metrics_port, metrics_host or host, APP_NAME)
+        log.info("fleet metrics on http://%s:%d/metrics", metrics_host or host, metrics_port)
     if not ray.is_initialized():
         runtime_env = {}
         if host not in WILDCARDS:
@@ -112,6 +123,12 @@ def shutdown() -> None:
     import ray
     from ray import serve
 
+    global _metrics_http
+    if _metrics_http is not None:
+        server, _ = _metrics_http
+        server.shutdown()
+        server.server_close()
+        _metrics_http = None
     if ray.is_initialized():
         try:
             serve.shutdown()

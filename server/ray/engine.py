@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from prometheus_client import generate_latest
 from ray import serve
 
 from lorapool import convert
 from lorapool.errors import LoraPoolError
 from lorapool.server.metrics import Metrics
 from lorapool.server.service import LoraPoolService, SourcePolicy
+from lorapool.types import AdapterState
 from lorapool.v1 import lorapool_pb2 as pb
 
 if TYPE_CHECKING:
@@ -59,6 +61,40 @@ class ErrorReply:
 # -- the engine deployment -------------------------------------------------------------------
 
 
+# -- what the replica advertises to Serve's router ---------------------------------------------
+
+MULTIPLEX_ATTR = "__serve_multiplex_wrapper"  # where @serve.multiplexed keeps its cache
+RESIDENCY_PERIOD_S = 0.5
+HELD_STATES = (AdapterState.LOADING, AdapterState.HOST, AdapterState.DEVICE)
+
+
+def engine_holdings(engine) -> set[str]:
+    """Adapters the engine holds or will hold: weights loading, in host memory or in
+    pool pages, and every adapter of a running or waiting request (the engine
+    reloads an evicted adapter for its waiting requests)."""
+    held = {i.adapter_id for i in engine.list_adapters() if i.state in HELD_STATES}
+    scheduler = getattr(engine, "scheduler", None)
+    if scheduler is not None:
+        seqs = [*list(scheduler.running), *list(scheduler.waiting)]
+        held |= {s.adapter_id for s in seqs if s.adapter_id}
+    return held
+
+
+def prune_advertised(multiplexer, held: set[str]) -> list[str]:
+    """Drop from Serve's multiplex cache (what the replica advertises to the router)
+    the adapters the engine no longer holds, and have the cache report its new set;
+    returns the ids dropped. Ids the cache is loading stay. The entries are only
+    forgotten: the engine is not touched, and a later request for such an adapter
+    runs the loader again."""
+    loading = getattr(multiplexer, "_model_load_tasks", set())
+    dropped = [a for a in list(multiplexer.models) if a not in held and a not in loading]
+    for adapter in dropped:
+        multiplexer.models.pop(adapter, None)
+    if dropped:
+        multiplexer._push_multiplexed_replica_info = True  # reported at its next push
+    return dropped
+
+
 class AdapterHandle:
     """What the multiplexed loader returns: the adapter is in the engine."""
 
@@ -88,8 +124,38 @@ class LoraPoolEngine:
                     await self.engine.start()
                     self.metrics.attach(self.engine)
                     self.service.engine = self.engine
+                    self._follower = asyncio.get_running_loop().create_task(
+                        self._follow_residency()
+                    )
                     log.info("replica %s serving", self.replica_id)
         return self.service
+
+    async def _follow_residency(self) -> None:
+        """Keep what this replica advertises to Serve's router (the multiplex
+        cache's ids) equal to what its engine holds: the engine's tiers evict and
+        reload adapters on their own, which Serve's cache never hears of."""
+        while True:
+            await asyncio.sleep(RESIDENCY_PERIOD_S)
+            self.follow_residency()
+
+    def follow_residency(self) -> list[str]:
+        """One pass of _follow_residency; returns the ids no longer advertised."""
+        multiplexer = getattr(self, MULTIPLEX_ATTR, None)
+        if multiplexer is None or self.service.engine is None:
+            return []
+        try:
+            dropped = prune_advertised(multiplexer, engine_holdings(self.engine))
+        except Exception:  # the next pass tries again
+            log.exception("replica %s: following the engine's adapters failed", self.replica_id)
+            return []
+        if dropped:
+            log.debug("replica %s no longer advertises %s", self.replica_id, dropped)
+        return dropped
+
+    async def advertised(self, replica: str = "") -> tuple[str, list[str]]:
+        """The adapter ids this replica advertises to Serve's router now."""
+        multiplexer = getattr(self, MULTIPLEX_ATTR, None)
+        return self.replica_id, sorted(multiplexer.models) if multiplexer is not None else []
 
     async def check_health(self) -> None:
         await self._ready()
@@ -154,6 +220,11 @@ class LoraPoolEngine:
 
     async def get_model_info(self):
         return await self._call(self._service_call("get_model_info", pb.GetModelInfoRequest()))
+
+    async def metrics_text(self, replica: str = "") -> tuple[str, bytes]:
+        """This replica's metrics (those of `lorapool serve`) in Prometheus text."""
+        await self._ready()
+        return self.replica_id, generate_latest(self.metrics.registry)
 
     async def whoami(self, replica: str = "") -> str:
         return self.replica_id

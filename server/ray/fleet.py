@@ -1,8 +1,13 @@
-"""The fleet's answers to ListAdapters and GetStats, merged from every replica's."""
+"""The fleet's answers to ListAdapters and GetStats, and its Prometheus samples,
+merged from every replica's."""
 
 from __future__ import annotations
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from lorapool.v1 import lorapool_pb2 as pb
+
+REPLICA_LABEL = "replica"
 
 
 def merge_adapters(replies: list[tuple[str, pb.ListAdaptersResponse]]) -> pb.ListAdaptersResponse:
@@ -49,3 +54,22 @@ def sum_stats(replies: list[tuple[str, pb.GetStatsResponse]]) -> pb.GetStatsResp
         del own.replicas[:]
         total.replicas.add(replica_id=replica, stats=own)
     return total
+
+
+def label_replicas(replies: list[tuple[str, bytes]]) -> list:
+    """Every replica's metric families (Prometheus text, as its registry exports
+    them) as one set of families: each sample gains a `replica` label with the
+    replica's id, and a metric that several replicas export is one family holding
+    all their samples (a name may appear only once in an exposition)."""
+    families: dict[str, object] = {}
+    for replica, text in sorted(replies, key=lambda item: item[0]):
+        for family in text_string_to_metric_families(text.decode()):
+            samples = [
+                s._replace(labels={**s.labels, REPLICA_LABEL: replica}) for s in family.samples
+            ]
+            merged = families.setdefault(family.name, family)
+            if merged is family:
+                family.samples = samples
+            else:
+                merged.samples.extend(samples)
+    return list(families.values())

@@ -185,8 +185,11 @@ class LoraPoolIngress:
         if self._refused("UnloadAdapter", grpc_context):
             return pb.UnloadAdapterResponse()
         replies = await self._broadcast("unload_adapter", request)
+        unloaded = [r for _, r in replies if not isinstance(r, ErrorReply)]
+        if unloaded:  # a replica that did not hold it answers NOT_FOUND: not an error here
+            replies = [(i, r) for i, r in replies if getattr(r, "code", "") != "NOT_FOUND"]
         error = _first_error(replies)
-        return _unwrap(error, grpc_context, pb.UnloadAdapterResponse) if error else replies[0][1]
+        return _unwrap(error, grpc_context, pb.UnloadAdapterResponse) if error else unloaded[0]
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, grpc_context):
         if self._refused("ListAdapters", grpc_context):
@@ -205,6 +208,22 @@ class LoraPoolIngress:
         if error is not None:
             return _unwrap(error, grpc_context, pb.GetStatsResponse)
         return sum_stats(replies)
+
+    async def metrics(self, timeout_s: float = BROADCAST_TIMEOUT_S) -> list[tuple[str, bytes]]:
+        """(replica id, Prometheus exposition) of every engine replica that answers
+        within timeout_s (server/ray/metrics.py labels and serves them)."""
+        replicas = await self._replicas()
+
+        async def one(replica: str):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    return await self.engine.metrics_text.remote(replica=replica)
+            except Exception as exc:  # left out of this scrape, the others still served
+                log.warning("metrics of replica %s: %s", replica, exc)
+                return None
+
+        replies = await asyncio.gather(*(one(r) for r in replicas))
+        return [reply for reply in replies if reply is not None]
 
     async def _replicas(self) -> list[str]:
         """The engine replicas the router can reach now. Its view, not the actors

@@ -19,14 +19,18 @@ In-flight counts are the router's own: +1 when it routes a call to a replica,
 All of the engine's traffic goes through this router (the ingress has one
 replica), so these counts are exact without probing. Holders are the replicas
 Serve's table lists for the adapter (reported by the replicas' multiplexed
-loaders) plus those this router sent it to recently: Serve's table learns of a
-load only some time after it, and a second request for a new adapter must not
-load it somewhere else meanwhile."""
+loaders) plus those this router sent it to within the last STICKY_S seconds:
+Serve's table learns of a load only some time after it, and a second request for
+a new adapter must not load it somewhere else meanwhile. Each engine replica keeps
+its entries in Serve's table equal to what its engine holds (engine.py,
+follow_residency), so an adapter its engine evicted stops counting as held there
+once STICKY_S has passed since the router last sent it that adapter."""
 
 from __future__ import annotations
 
 import math
 import random
+import time
 from collections import OrderedDict
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
@@ -35,6 +39,7 @@ TARGET = "replica"  # keyword that pins an engine call to one replica
 # (app, deployment) -> ids of the replicas the ReplicaRouter of this process routes to
 _ROUTABLE: dict[tuple[str, str], list[str]] = {}
 STICKY_LIMIT = 10_000  # adapter ids whose recent replicas are remembered (oldest first out)
+STICKY_S = 10.0  # how long a replica counts as a holder of what it was last sent
 BOUND = 1.25
 FLOOR = 8
 
@@ -66,7 +71,8 @@ class ReplicaRouter(PowerOfTwoChoicesRequestRouter):
         if not hasattr(self, "_inflight"):
             self._inflight: dict[str, int] = {}  # replica id -> calls routed, not completed
             self._calls: dict[str, str] = {}  # internal request id -> replica id
-            self._sent_to: OrderedDict[str, set[str]] = OrderedDict()  # adapter -> replicas
+            # adapter -> {replica: time.monotonic() of the last call routed there}
+            self._sent_to: OrderedDict[str, dict[str, float]] = OrderedDict()
             self._bound = getattr(self, "_bound", BOUND)
             self._floor = getattr(self, "_floor", FLOOR)
 
@@ -91,7 +97,8 @@ class ReplicaRouter(PowerOfTwoChoicesRequestRouter):
         }
         cap = load_cap(sum(load.values()), len(candidates), self._bound, self._floor)
         held = {r.unique_id for r in self._multiplexed_model_id_to_replica_ids.get(adapter, ())}
-        held |= self._sent_to.get(adapter, set())
+        recent = time.monotonic() - STICKY_S
+        held |= {r for r, sent in self._sent_to.get(adapter, {}).items() if sent > recent}
         by_load = sorted(candidates, key=lambda r: (load[r.replica_id.unique_id], random.random()))
         holders = [r for r in by_load if r.replica_id.unique_id in held]
         within = [r for r in holders if load[r.replica_id.unique_id] + 1 <= cap]
@@ -120,8 +127,8 @@ class ReplicaRouter(PowerOfTwoChoicesRequestRouter):
         self._calls[pending_request.metadata.internal_request_id] = replica
         adapter = pending_request.metadata.multiplexed_model_id
         if adapter:
-            sent = self._sent_to.pop(adapter, set())
-            sent.add(replica)
+            sent = self._sent_to.pop(adapter, {})
+            sent[replica] = time.monotonic()
             self._sent_to[adapter] = sent
             if len(self._sent_to) > STICKY_LIMIT:  # bounded: clients may send any id
                 self._sent_to.popitem(last=False)
@@ -138,4 +145,4 @@ class ReplicaRouter(PowerOfTwoChoicesRequestRouter):
         self._state()
         self._inflight.pop(replica_id.unique_id, None)
         for sent in self._sent_to.values():
-            sent.discard(replica_id.unique_id)
+            sent.pop(replica_id.unique_id, None)
