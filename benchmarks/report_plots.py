@@ -9,7 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 SIZE = (6.4, 3.6)
 DPI = 100
@@ -17,6 +17,7 @@ DPI = 100
 
 def _plain_log(axis) -> None:
     """Log-scale ticks as plain numbers (20, 50, 100), not powers of ten."""
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -35,8 +36,10 @@ def plot_adapters(engine: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=SIZE)
     batches = sorted({r["batch"] for r in engine["results"]})
     for i, b in enumerate(batches):
+        # adapters beyond the batch size add no distinct ones: one point per distinct count
         rows = sorted(
-            (r for r in engine["results"] if r["batch"] == b), key=lambda r: r["distinct"]
+            (r for r in engine["results"] if r["batch"] == b and r["adapters"] <= b),
+            key=lambda r: r["distinct"],
         )
         xs = [max(r["distinct"], 0) for r in rows]
         color = f"C{i}"
@@ -112,9 +115,10 @@ def plot_pool(pool: dict, path: Path) -> Path:
     names = [f"r{r}\n{_short(m)}" for r, m in keys]
     ax.set_xticks(list(xs), names, fontsize=7)
     ax.set_ylabel("LoRA bytes / bytes held")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.3)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     return _save(fig, path)
 
 
