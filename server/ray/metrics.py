@@ -68,3 +68,30 @@ def serve_fleet_metrics(port: int, host: str, app_name: str):
     """Start the /metrics endpoint on host:port (a thread of this process);
     returns (server, thread). Raises OSError when the port cannot be bound."""
     return start_http_server(port, addr=host, registry=FleetCollector(fetch_from_app(app_name)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lorapool.server.ray.metrics --address auto --port 9464`: the same
+    endpoint for a Serve application that no `serve-ray` process started (a
+    KubeRay RayService), run on a node of its cluster."""
+    import argparse
+    import threading
+
+    parser = argparse.ArgumentParser(prog="python -m lorapool.server.ray.metrics")
+    parser.add_argument("--address", default="auto", help="the Ray cluster (default: auto)")
+    parser.add_argument("--port", type=int, default=9464, help="/metrics port")
+    parser.add_argument("--host", default="0.0.0.0", help="/metrics address")
+    parser.add_argument("--app", default="lorapool", help="the Serve application's name")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    import ray
+
+    ray.init(address=args.address, namespace="serve", log_to_driver=False)
+    serve_fleet_metrics(args.port, args.host, args.app)
+    log.info("fleet metrics of %r on http://%s:%d/metrics", args.app, args.host, args.port)
+    threading.Event().wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
