@@ -20,9 +20,10 @@ $(VENV): pyproject.toml constraints.txt
 	touch $(VENV)
 
 # SmolLM2-135M-Instruct with the demo adapters trained on it (converted and trained
-# on first use, a few minutes on the CPU, then cached in .cache/smollm2-135m-instruct).
+# on first use, minutes on the CPU, then cached in .cache/smollm2-135m-instruct);
+# LORAPOOL_DEMO_MODEL=tiny make run serves the tiny random-init demo instead.
 run: $(VENV)
-	.venv/bin/lorapool make-demo --train-adapters
+	test "$$LORAPOOL_DEMO_MODEL" = tiny || .venv/bin/lorapool make-demo --train-adapters
 	.venv/bin/lorapool serve --port $(PORT)
 
 test: $(VENV) lint proto-check
