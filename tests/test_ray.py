@@ -2,7 +2,9 @@
 demo on two engine replicas behind Serve's gRPC proxy. Greedy outputs match an
 in-process Engine, an adapter's requests stay on one replica, errors keep their
 status and ErrorInfo, admin calls reach every replica, GetStats lists each
-replica, cancelled streams stop on their replica, and a drain (last: it ends the
+replica, the fleet's /metrics labels each replica's samples, what a replica
+advertises to Serve's router follows its engine, cancelled streams stop on their
+replica, and a drain (last: it ends the
 shared cluster's service) finishes streams while health says NOT_SERVING. The
 router's ranking, the --host hook and the flags are tested without Ray running. The deployment checks an
 inference and an admin key (the rules of `lorapool serve`, transport.auth.authorize,
