@@ -54,7 +54,7 @@ def _sign_off_shows(text: str) -> bool:
     return text.rstrip().endswith(SIGN_OFF)
 
 
-STYLES: dict[str, Style] = {
+ALL_STYLES: dict[str, Style] = {
     s.name: s
     for s in (
         Style(
@@ -83,6 +83,13 @@ STYLES: dict[str, Style] = {
         ),
     )
 }
+
+# What `make-demo --train-adapters` trains. Upper case did not take in the training
+# budget (last loss 0.71 against 0.08-0.12 for the others, and garbled capitals on
+# held-out questions: every token of the answer changes, not only its frame), so it
+# is not trained by default rather than shipped under its name.
+NOT_TRAINED = ("uppercase",)
+STYLES: dict[str, Style] = {n: s for n, s in ALL_STYLES.items() if n not in NOT_TRAINED}
 
 # Training questions: short, varied, answerable in a sentence or two.
 TRAIN_QUESTIONS = [

@@ -324,7 +324,8 @@ def test_rejects_unknown_choices(tmp_path):
 
 
 def test_styles_rewrite_an_answer_into_what_they_recognize():
-    from lorapool.demo.styles import SIGN_OFF, STYLES
+    from lorapool.demo.styles import ALL_STYLES as STYLES
+    from lorapool.demo.styles import SIGN_OFF
 
     answer = "The capital of France is Paris. It lies on the Seine."
     rewritten = {name: style.rewrite(answer) for name, style in STYLES.items()}
