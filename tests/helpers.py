@@ -6,6 +6,7 @@ files."""
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from lorapool.server.engine.scheduler import Scheduler, SchedulerConfig
 from lorapool.server.engine.sequence import ScheduledSeq, Sequence
 from lorapool.server.model.model import Model
 from lorapool.types import GenerationRequest, SamplingParams
+from lorapool.v1 import lorapool_pb2 as pb
 
 BLOCK_SIZE = 16
 
@@ -213,3 +215,16 @@ class Reference:
 
 def random_prompt(rng: np.random.Generator, length: int, vocab: int) -> list[int]:
     return rng.integers(3, vocab, size=length).tolist()
+
+
+def assert_idle(stub, timeout: float = 10) -> None:
+    """The pool is back to idle and its page counts add up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stub.GetStats(pb.GetStatsRequest(), timeout=10)
+        idle = s.kv_pages == 0 and s.running_requests == 0 and s.waiting_requests == 0
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert idle, s
+    assert s.free_pages + s.kv_pages + s.cached_pages + s.adapter_pages == s.total_pages

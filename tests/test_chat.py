@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 
 import grpc
 import pytest
 import torch
+from helpers import assert_idle
 
 from lorapool.client import AsyncLoraPoolClient, LoraPoolClient, LoraPoolClientError, cli
 from lorapool.client.requests import chat_to_proto
@@ -53,18 +53,6 @@ def greedy(n: int = NEW_TOKENS) -> pb.SamplingParams:
 
 def stream_tokens(stub, request, timeout: float = 60) -> list[int]:
     return [t for reply in stub.Generate(request, timeout=timeout) for t in reply.token_ids]
-
-
-def assert_idle(stub, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = stub.GetStats(pb.GetStatsRequest(), timeout=10)
-        idle = s.kv_pages == 0 and s.running_requests == 0 and s.waiting_requests == 0
-        if idle or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert idle, s
-    assert s.free_pages + s.kv_pages + s.cached_pages + s.adapter_pages == s.total_pages
 
 
 def assert_refused(exc: grpc.RpcError, code: str, reason: str, field: str, *words: str) -> None:

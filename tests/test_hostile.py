@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 import torch
+from helpers import assert_idle
 
 from lorapool.convert import bad_request, error_info
 from lorapool.v1 import lorapool_pb2 as pb
@@ -64,19 +65,6 @@ def stream_tokens(stub, request, timeout: float = 60) -> list[int]:
 def expected(stub) -> list[int]:
     """The greedy stream's tokens when it runs alone."""
     return stream_tokens(stub, greedy_request())
-
-
-def assert_idle(stub, timeout: float = 10) -> None:
-    """The pool is back to idle and its page counts add up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = stub.GetStats(pb.GetStatsRequest(), timeout=10)
-        idle = s.kv_pages == 0 and s.running_requests == 0 and s.waiting_requests == 0
-        if idle or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert idle, s
-    assert s.free_pages + s.kv_pages + s.cached_pages + s.adapter_pages == s.total_pages
 
 
 def beside_a_greedy_stream(stub, expected: list[int], hostile):
