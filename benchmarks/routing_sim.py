@@ -93,17 +93,24 @@ class Fleet:
         return True
 
 
+def holder_pick(fleet: Fleet, adapter: int, rng: random.Random) -> int | None:
+    """The less loaded of two random holders of the adapter (power of two
+    choices), its only holder, or None when no replica holds it."""
+    holders = fleet.holders.get(adapter)
+    if not holders:
+        return None
+    if len(holders) == 1:
+        (pick,) = holders
+        return pick
+    a, b = rng.sample(sorted(holders), 2)
+    return a if fleet.inflight[a] <= fleet.inflight[b] else b
+
+
 def affinity(busy: int, rng: random.Random) -> Callable[[Fleet, int], int]:
     def route(fleet: Fleet, adapter: int) -> int:
-        holders = fleet.holders.get(adapter)
-        if holders:
-            if len(holders) == 1:
-                (pick,) = holders
-            else:
-                a, b = rng.sample(sorted(holders), 2)
-                pick = a if fleet.inflight[a] <= fleet.inflight[b] else b
-            if fleet.inflight[pick] < busy:
-                return pick
+        pick = holder_pick(fleet, adapter, rng)
+        if pick is not None and fleet.inflight[pick] < busy:
+            return pick
         return fleet.least_loaded()
 
     return route
@@ -119,15 +126,9 @@ def bounded(c: float, floor: int, rng: random.Random) -> Callable[[Fleet, int], 
 
     def route(fleet: Fleet, adapter: int) -> int:
         cap = max(ceil(c * (fleet.total() + 1) / fleet.n), floor)
-        holders = fleet.holders.get(adapter)
-        if holders:
-            if len(holders) == 1:
-                (pick,) = holders
-            else:
-                a, b = rng.sample(sorted(holders), 2)
-                pick = a if fleet.inflight[a] <= fleet.inflight[b] else b
-            if fleet.inflight[pick] + 1 <= cap:
-                return pick
+        pick = holder_pick(fleet, adapter, rng)
+        if pick is not None and fleet.inflight[pick] + 1 <= cap:
+            return pick
         return fleet.least_loaded()
 
     return route
