@@ -10,8 +10,9 @@ timed step is runner.step plus the scheduler's bookkeeping (append the sampled
 token, advance num_computed); block allocation is not in it. Every repeat rewinds
 the rows to the end of their prompt, so all repeats do the same work.
 
-The limit is the same model's bare weight matmuls for that batch: x @ W.T for
-every W in Model.dense_weights(), x of shape [batch, in]. Because the machine is
+The limit is the same model's bare weight matmuls for that batch: x W^T for
+every Linear in Model.dense_weights(), x of shape [batch, in], with the kernel
+the engine uses (oneDNN-reordered weights on a CPU). Because the machine is
 noisy, every configuration of one batch size (one runner each, so each keeps its
 own LoRA plan) and the limit take turns step by step, E(0) L E(8) L E(64) L ...,
 and each figure is the median of its step times. The "other load" column is the
@@ -139,7 +140,7 @@ def print_setup(bench: DecodeBench, paths, demo_s: float) -> None:
     )
     print(
         f"prompt {args.prompt_len} tokens, {args.steps} decode steps x {args.repeats} "
-        "repeats; median step times; pages allocated before timing; limit = x @ W.T "
+        "repeats; median step times; pages allocated before timing; limit = x W^T "
         "over Model.dense_weights(); engine (every adapter count) and limit steps "
         "take turns one by one"
     )

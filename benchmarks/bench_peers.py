@@ -15,8 +15,8 @@ adapters, and base-model only (the same requests with the adapters dropped):
 
 Each system gets its adapters loaded and its model warmed before its timed runs;
 start-up is not counted. Generated tokens/s is generated tokens over the wall
-seconds of the run. The limit is the same model's bare dense matmuls (x @ W.T for
-every W in Model.dense_weights(), as bench_engine.py measures it) at
+seconds of the run. The limit is the same model's bare dense matmuls (x W^T for
+every Linear in Model.dense_weights(), with the engine's kernel, as bench_engine.py measures it) at
 --limit-batch rows, measured before each system and at the end, the best of
 those measurements taken (other load only ever slows it down); a run's share of
 the limit counts prompt and generated tokens. The systems run one after another
@@ -95,20 +95,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def dense_limit(model_dir: Path, batch: int, repeats: int = 15) -> float:
-    """Tokens/s of the model's bare dense matmuls at `batch` rows: x @ W.T for
+    """Tokens/s of the model's bare dense matmuls at `batch` rows: x W^T for
     every W in Model.dense_weights(), the fastest of `repeats` passes after one
     warm-up (a limit is what the cores do when nothing else takes them)."""
     from lorapool.server.model.model import Model
 
     mats = Model.from_pretrained(model_dir).dense_weights()
     gen = torch.Generator().manual_seed(0)
-    xs = {w.shape[1]: torch.randn(batch, w.shape[1], generator=gen) for w in mats}
+    xs = {w.in_features: torch.randn(batch, w.in_features, generator=gen) for w in mats}
     times = []
     with torch.inference_mode():
         for rep in range(repeats + 1):
             t0 = time.perf_counter()
             for w in mats:
-                xs[w.shape[1]] @ w.T
+                w(xs[w.in_features])
             if rep:
                 times.append(time.perf_counter() - t0)
     return batch / min(times)

@@ -4,7 +4,8 @@ A configuration is (batch, adapter count): its rows are prefilled once with
 random prompts, their pages (prompt + every decode token) allocated beforehand,
 and every repeat rewinds them to the end of the prompt, so a timed step is
 runner.step plus the scheduler's bookkeeping and all repeats do the same work.
-The limit is x @ W.T for every W in Model.dense_weights() at the same batch."""
+The limit is x W^T for every Linear in Model.dense_weights() at the same batch,
+with the engine's own kernel."""
 
 from __future__ import annotations
 
@@ -103,14 +104,14 @@ class DecodeBench:
 
     def limit_inputs(self, batch: int):
         mats = self.model.dense_weights()
-        xs = {w.shape[1]: torch.randn(batch, w.shape[1], generator=self.gen) for w in mats}
-        return [(xs[w.shape[1]], w) for w in mats]
+        xs = {w.in_features: torch.randn(batch, w.in_features, generator=self.gen) for w in mats}
+        return [(xs[w.in_features], w) for w in mats]
 
     @staticmethod
     def limit_step(pairs) -> float:
         t0 = time.perf_counter()
         for x, w in pairs:
-            x @ w.T
+            w(x)
         return time.perf_counter() - t0
 
     def free(self, rows) -> None:

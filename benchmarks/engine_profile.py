@@ -16,6 +16,7 @@ from engine_decode import DecodeBench
 from lorapool.server.engine import runner as runner_mod
 from lorapool.server.engine.runner import ModelRunner
 from lorapool.server.model.attention import PagedAttention
+from lorapool.server.model.linear import Linear
 from lorapool.server.model.lora import LoraBatch
 from lorapool.server.model.model import Model
 
@@ -24,7 +25,7 @@ REGIONS = [
     (runner_mod, "build_meta", "attention metadata (build_meta)"),
     (ModelRunner, "_lora_batch", "LoRA plan lookup/build"),
     (Model, "forward", "forward"),
-    (torch.nn.functional, "linear", "dense matmuls (F.linear)"),
+    (Linear, "__call__", "dense matmuls (Linear)"),
     (LoraBatch, "apply", "LoRA apply"),
     (PagedAttention, "__call__", "attention (embedding_bag + softmax)"),
     (PagedAttention, "write", "KV write"),
@@ -115,7 +116,7 @@ def print_profile(p: dict) -> None:
     get = r.get
     step = get("step", 0.0)
     fwd = get("forward", 0.0)
-    inner = ["dense matmuls (F.linear)", "LoRA apply"]
+    inner = ["dense matmuls (Linear)", "LoRA apply"]
     inner += ["attention (embedding_bag + softmax)", "KV write"]
     outer = ["attention metadata (build_meta)", "LoRA plan lookup/build", "sampling"]
     print(

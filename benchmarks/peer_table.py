@@ -43,7 +43,7 @@ def caption(result: dict) -> str:
         f"({t['prompt_tokens']} prompt + {t['generated_tokens']} generated), greedy, "
         f"ignore_eos. Model: {m['arch']}, hidden {m['hidden']}, {m['layers']} layers, GQA "
         f"{m['heads']}/{m['kv_heads']}, vocab {m['vocab']}, float32. Limit: bare dense matmuls "
-        f"of this model (x @ W.T over Model.dense_weights()) at batch {lim['batch']}, "
+        f"of this model (x W^T over Model.dense_weights(), the engine's kernel) at batch {lim['batch']}, "
         f"{lim['tok_s']:.0f} tok/s, the best of measurements taken before each system and "
         f"after the last ({', '.join(f'{v:.0f}' for v in lim['samples'])} tok/s: other load "
         "only slows it down); share = (prompt + generated tokens) / wall seconds / limit."

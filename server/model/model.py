@@ -2,7 +2,8 @@
 pages and whose linear layers add each token's own LoRA delta.
 
 Weights are plain tensors, q/k/v and gate/up fused so each layer runs few large
-matmuls; the forward pass is written out so that a reader sees every op."""
+matmuls, each a Linear (linear.py: reordered for oneDNN on a CPU); the forward pass
+is written out so that a reader sees every op."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from lorapool.server.model.attention import AttentionMeta, PagedAttention
 from lorapool.server.model.checkpoint import load_spec, load_tensors
+from lorapool.server.model.linear import Linear, onednn_wanted
 from lorapool.server.model.lora import LoraBatch
 from lorapool.spec import ModelSpec
 
@@ -21,12 +23,11 @@ from lorapool.spec import ModelSpec
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [q + k + v, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    qkv: Linear  # [q + k + v, hidden], with q/k/v biases where the model has them
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear
 
 
 class Model:
@@ -38,11 +39,16 @@ class Model:
         def w(name: str) -> torch.Tensor:
             return tensors[name].to(device=self.device, dtype=dtype).contiguous()
 
+        pack = onednn_wanted(self.device, dtype)
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            return Linear(weight, bias, pack=pack)
+
         self.embed = w("model.embed_tokens.weight")
         if spec.tie_word_embeddings or "lm_head.weight" not in tensors:
-            self.lm_head = self.embed
+            self.lm_head = linear(self.embed)
         else:
-            self.lm_head = w("lm_head.weight")
+            self.lm_head = linear(w("lm_head.weight"))
         self.norm = w("model.norm.weight")
         self.layers = []
         for i in range(spec.num_layers):
@@ -54,14 +60,16 @@ class Model:
             self.layers.append(
                 LayerWeights(
                     input_norm=w(p + "input_layernorm.weight"),
-                    qkv=torch.cat(
-                        [w(attn + f"{m}.weight") for m in ("q_proj", "k_proj", "v_proj")]
+                    qkv=linear(
+                        torch.cat([w(attn + f"{m}.weight") for m in ("q_proj", "k_proj", "v_proj")]),
+                        bias,
                     ),
-                    qkv_bias=bias,
-                    o=w(attn + "o_proj.weight"),
+                    o=linear(w(attn + "o_proj.weight")),
                     post_norm=w(p + "post_attention_layernorm.weight"),
-                    gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
-                    down=w(p + "mlp.down_proj.weight"),
+                    gate_up=linear(
+                        torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])
+                    ),
+                    down=linear(w(p + "mlp.down_proj.weight")),
                 )
             )
         self.cos, self.sin = _rope_tables(spec, self.device, dtype)
@@ -73,8 +81,9 @@ class Model:
         spec = load_spec(model_dir)
         return cls(spec, load_tensors(model_dir), dtype, device)
 
-    def dense_weights(self) -> list[torch.Tensor]:
-        """Every weight matrix a token passes through: the matmul limit of a step."""
+    def dense_weights(self) -> list[Linear]:
+        """Every weight matrix a token passes through, as the forward pass runs them:
+        the matmul limit of a step."""
         mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         return mats + [self.lm_head]
 
@@ -101,7 +110,7 @@ class Model:
         nh = spec.num_heads
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, spec.rms_norm_eps)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(h)
             if lora is not None:
                 lora.apply(i, "qkv", h, qkv)
             # q and k heads side by side: one rotation for both
@@ -110,23 +119,23 @@ class Model:
             v = qkv[:, qs + ks :].view(t, spec.num_kv_heads, spec.head_dim)
             attention.write(i, k, v, meta)
             attn = attention(i, q, meta).reshape(t, qs)
-            o = F.linear(attn, layer.o)
+            o = layer.o(attn)
             if lora is not None:
                 lora.apply(i, "o", attn, o)
             x = x + o
             h = _rms_norm(x, layer.post_norm, spec.rms_norm_eps)
-            gu = F.linear(h, layer.gate_up)
+            gu = layer.gate_up(h)
             inter = spec.intermediate_size
             if lora is not None:
                 lora.apply(i, "gate_up", h, gu)
             act = F.silu(gu[:, :inter]) * gu[:, inter:]
-            d = F.linear(act, layer.down)
+            d = layer.down(act)
             if lora is not None:
                 lora.apply(i, "down", act, d)
             x = x + d
         x = x.index_select(0, logits_index)
         x = _rms_norm(x, self.norm, spec.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(x).float()
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
