@@ -61,7 +61,9 @@ class Model:
                 LayerWeights(
                     input_norm=w(p + "input_layernorm.weight"),
                     qkv=linear(
-                        torch.cat([w(attn + f"{m}.weight") for m in ("q_proj", "k_proj", "v_proj")]),
+                        torch.cat(
+                            [w(attn + f"{m}.weight") for m in ("q_proj", "k_proj", "v_proj")]
+                        ),
                         bias,
                     ),
                     o=linear(w(attn + "o_proj.weight")),
