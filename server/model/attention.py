@@ -174,8 +174,12 @@ class PagedAttention:
         self.flat_views[layer].index_put_((meta.k_write,), k.reshape(-1))
         self.v_views[layer].index_copy_(0, meta.v_write, v.reshape(-1, v.shape[-1]))
 
-    def __call__(self, layer: int, q: torch.Tensor, meta: AttentionMeta) -> torch.Tensor:
-        """q: [tokens, heads, head dim] -> attention output of the same shape."""
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta
+    ) -> torch.Tensor:
+        """q: [tokens, heads, head dim] -> attention output of the same shape; k, v:
+        the step's new keys and values ([tokens, kv heads, head dim]), which a chunk
+        with nothing cached before it attends to as they are (no read back)."""
         d = meta.num_decode
         out = torch.empty_like(q) if meta.prefills else None
         if d:
@@ -203,12 +207,16 @@ class PagedAttention:
             out[:d] = decoded
         for chunk in meta.prefills:
             s, n = chunk.start, chunk.q_len
-            k, v = self._gather(layer, chunk)
+            if chunk.ctx_len == n:
+                kc = k[s : s + n].transpose(0, 1).unsqueeze(0)
+                vc = v[s : s + n].transpose(0, 1).unsqueeze(0)
+            else:
+                kc, vc = self._gather(layer, chunk)
             qc = q[s : s + n].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 qc,
-                k,
-                v,
+                kc,
+                vc,
                 attn_mask=chunk.mask,
                 is_causal=chunk.mask is None,
                 scale=meta.scale,

@@ -110,6 +110,7 @@ class Model:
         sin = self.sin.index_select(0, positions).unsqueeze(1)
         qs, ks = self.q_size, self.kv_size
         nh = spec.num_heads
+        inter = spec.intermediate_size
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, spec.rms_norm_eps)
             qkv = layer.qkv(h)
@@ -120,21 +121,20 @@ class Model:
             q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, qs + ks :].view(t, spec.num_kv_heads, spec.head_dim)
             attention.write(i, k, v, meta)
-            attn = attention(i, q, meta).reshape(t, qs)
+            attn = attention(i, q, k, v, meta).reshape(t, qs)
             o = layer.o(attn)
             if lora is not None:
                 lora.apply(i, "o", attn, o)
-            x = x + o
+            x.add_(o)  # x is this step's own tensor (index_select made it)
             h = _rms_norm(x, layer.post_norm, spec.rms_norm_eps)
             gu = layer.gate_up(h)
-            inter = spec.intermediate_size
             if lora is not None:
                 lora.apply(i, "gate_up", h, gu)
-            act = F.silu(gu[:, :inter]) * gu[:, inter:]
+            act = F.silu(gu[:, :inter]).mul_(gu[:, inter:])
             d = layer.down(act)
             if lora is not None:
                 lora.apply(i, "down", act, d)
-            x = x + d
+            x.add_(d)
         x = x.index_select(0, logits_index)
         x = _rms_norm(x, self.norm, spec.rms_norm_eps)
         return self.lm_head(x).float()
@@ -149,11 +149,12 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [tokens, heads, head_dim]; cos/sin [tokens, 1, head_dim/2] (the tables'
-    two halves are equal, so half of each is enough)."""
+    """x cos + rotate_half(x) sin, as transformers rotates, in three ops: x
+    [tokens, heads, head_dim]; cos/sin [tokens, 1, head_dim], sin's first half
+    negated (rotate_half's sign, folded into the table)."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 def _rope_tables(spec: ModelSpec, device, dtype):
@@ -171,7 +172,8 @@ def _rope_tables(spec: ModelSpec, device, dtype):
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
     pos = torch.arange(spec.max_position, dtype=torch.float)
     freqs = torch.outer(pos, inv_freq.float())
+    cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
     return (
-        (freqs.cos() * scaling).to(device=device, dtype=dtype),
-        (freqs.sin() * scaling).to(device=device, dtype=dtype),
+        torch.cat((cos, cos), dim=-1).to(device=device, dtype=dtype),
+        torch.cat((-sin, sin), dim=-1).to(device=device, dtype=dtype),
     )
