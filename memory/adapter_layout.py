@@ -221,15 +221,20 @@ def _site_index(
         out_rows.append(cols[m] // h + torch.arange(nb))
         chunk_len[cols[m] // h : cols[m] // h + nb] = r
         v_index.append((k * r + torch.arange(r)).repeat(nb))
+    idx = pool.index_dtype
+
+    def on_device(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=dev, dtype=idx)
+
     return SiteIndex(
         rank=r,
         modules=mods,
-        shrink=torch.cat([rows[m][0] for m in mods], dim=1).to(dev),
-        expand=torch.cat([rows[m][1] for m in mods], dim=1).to(dev),
+        shrink=on_device(torch.cat([rows[m][0] for m in mods], dim=1)),
+        expand=on_device(torch.cat([rows[m][1] for m in mods], dim=1)),
         out_rows=torch.cat(out_rows),
-        v_index=torch.cat(v_index),
+        v_index=torch.cat(v_index).to(idx),
         chunk_len=chunk_len,
-        per_module={m: (rows[m][0].to(dev), rows[m][1].to(dev)) for m in mods},
+        per_module={m: (on_device(rows[m][0]), on_device(rows[m][1])) for m in mods},
     )
 
 

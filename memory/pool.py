@@ -98,6 +98,13 @@ class PagePool:
     def page_bytes(self) -> int:
         return self.page_elems * _itemsize(self.dtype)
 
+    @property
+    def index_dtype(self) -> torch.dtype:
+        """The dtype of row indices into the pool's rows views: int32 when every
+        element index fits (half the bytes for the LoRA and attention index tensors
+        built every step), else int64."""
+        return torch.int32 if self.tensor.numel() < 2**31 else torch.int64
+
     def pages_view(self) -> torch.Tensor:
         """[num_pages, page_elems] view for page-granular copies."""
         return self.tensor.view(self.num_pages, self.page_elems)

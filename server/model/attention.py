@@ -122,10 +122,11 @@ def _add_decode_rows(
         keep &= slot.view(1, -1) >= (lens - sliding_window).view(-1, 1)
     bias = torch.zeros(rows, 1, width * bs, dtype=pool.dtype)
     bias.masked_fill_(~keep.view(rows, 1, -1), float("-inf"))
-    meta.k_rows = k_rows.reshape(-1).to(device)
-    meta.v_rows = v_rows.reshape(-1).to(device)
-    meta.k_offsets = (torch.arange(rows * num_heads * width) * hd).to(device)
-    meta.v_offsets = (torch.arange(rows * num_heads) * (width * bs)).to(device)
+    idx = pool.index_dtype
+    meta.k_rows = k_rows.reshape(-1).to(device=device, dtype=idx)
+    meta.v_rows = v_rows.reshape(-1).to(device=device, dtype=idx)
+    meta.k_offsets = (torch.arange(rows * num_heads * width) * hd).to(device=device, dtype=idx)
+    meta.v_offsets = (torch.arange(rows * num_heads) * (width * bs)).to(device=device, dtype=idx)
     meta.decode_bias = bias.expand(rows, num_heads, width * bs).contiguous().to(device)
 
 

@@ -142,16 +142,16 @@ class LoraBatch:
     ) -> tuple[list[_Group], list[AdaptedSegment]]:
         """One shrink group per sub-row width g, and the runs in the order their v
         values come out."""
-        dev = self.pool.device
+        dev, idx = self.pool.device, self.pool.index_dtype
         fan_in = self.spec.module_shape(SITES[site][0])[0]
         groups = []
         order = []  # (token start, n, adapter) in v order
         for g in sorted({a.g for _, _, a in sparse}):
             members = [(s, n, a) for s, n, a in sparse if a.g == g]
             order.extend(members)
+            # a run of n tokens lists its adapter's indices n times: one cat, no repeats
             shrink = torch.cat(
-                [_repeat(a.sites[site].shrink, n, dim=1) for _, n, a in members],
-                dim=1,
+                [a.sites[site].shrink for _, n, a in members for _ in range(n)], dim=1
             )
             ns = torch.tensor([n for _, n, _ in members])
             tokens = _tokens(torch.tensor([s for s, _, _ in members]), ns)
@@ -164,8 +164,10 @@ class LoraBatch:
                 _Group(
                     g=g,
                     shrink=shrink.to(dev),
-                    offsets=(torch.arange(n_bags) * fan_in).to(dev),
-                    bag_token=None if identity else tokens.repeat_interleave(bags_t).to(dev),
+                    offsets=(torch.arange(n_bags) * fan_in).to(device=dev, dtype=idx),
+                    bag_token=None
+                    if identity
+                    else tokens.repeat_interleave(bags_t).to(device=dev, dtype=idx),
                 )
             )
         return groups, order
@@ -181,7 +183,7 @@ class LoraBatch:
     ) -> _SitePlan:
         """The expand's bags: one per (token, chunk) of rows [0, last gathered
         token], in token order, each reading its token's v (in `order`)."""
-        dev = self.pool.device
+        dev, idx = self.pool.device, self.pool.index_dtype
         width = sum(self.spec.module_shape(m)[1] for m in SITES[site])
         chunks = width // h
         # where each run's v starts in the concatenated v (runs in `order`)
@@ -195,9 +197,9 @@ class LoraBatch:
             si = a.sites[site]
             if s > at:
                 lens.append(torch.zeros((s - at) * chunks, dtype=torch.long))
-            lens.append(_repeat(si.chunk_len, n))
-            expand.append(_repeat(si.expand, n, dim=1))
-            v_index.append(_repeat(si.v_index, n))
+            lens.extend([si.chunk_len] * n)
+            expand.extend([si.expand] * n)
+            v_index.extend([si.v_index] * n)
             at = s + n
         lens_t = torch.cat(lens)
         # each expand index reads its token's v: + the v start of its token
@@ -213,8 +215,8 @@ class LoraBatch:
             groups=groups,
             rows=at,
             expand=torch.cat(expand, dim=1).to(dev),
-            expand_offsets=(torch.cumsum(lens_t, 0) - lens_t).to(dev),
-            v_index=v_index_t.to(dev),
+            expand_offsets=(torch.cumsum(lens_t, 0) - lens_t).to(device=dev, dtype=idx),
+            v_index=v_index_t.to(device=dev, dtype=idx),
             dense=dense,
         )
 
@@ -282,15 +284,6 @@ def _tokens(starts: torch.Tensor, ns: torch.Tensor) -> torch.Tensor:
     total = int(ns.sum())
     run_first = torch.cumsum(ns, 0) - ns
     return (starts - run_first).repeat_interleave(ns) + torch.arange(total)
-
-
-def _repeat(t: torch.Tensor, n: int, dim: int = 0) -> torch.Tensor:
-    """t repeated n times along dim (no copy for the common n == 1: decode rows)."""
-    if n == 1:
-        return t
-    reps = [1] * t.dim()
-    reps[dim] = n
-    return t.repeat(*reps)
 
 
 def _is_range(tokens: torch.Tensor) -> bool:
