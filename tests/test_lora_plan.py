@@ -5,6 +5,8 @@ which runs once per layout signature on a probe, not on the adapter's weights.""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,8 @@ import lorapool.memory.adapter_layout as layout_module
 from lorapool.errors import AdapterIncompatible
 from lorapool.memory.adapter_layout import SITES, pack_adapter, site_columns, verify_layout
 from lorapool.memory.peft_adapter import read_adapter
-from lorapool.server.model.lora import LoraBatch, merge_runs
+from lorapool.server.model import native
+from lorapool.server.model.lora import NATIVE_DENSE_SEGMENT_TOKENS, LoraBatch, merge_runs
 
 N_ADAPTERS = 6
 
@@ -73,15 +76,27 @@ SEGMENTS = [
 ]
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """Short runs through lora_kernels.c, or through embedding_bag (the path of
+    GPUs, bfloat16 pools and machines without a C compiler)."""
+    if request.param == "torch":
+        monkeypatch.setenv("LORAPOOL_NATIVE", "0")
+    elif native.load() is None:
+        pytest.skip("no C compiler here: the kernels cannot be built")
+    return request.param
+
+
 @pytest.mark.parametrize("dense_min", [1, 4, 1000])
 @pytest.mark.parametrize("case", range(len(SEGMENTS)))
-def test_every_mix_of_runs_matches_the_packed_weights(setup, case, dense_min):
+def test_every_mix_of_runs_matches_the_packed_weights(setup, case, dense_min, kernels):
     harness, packed = setup
     spec = harness.spec
     segs = SEGMENTS[case]
     tokens = segs[-1][0] + segs[-1][1]
     placed = [(s, n, None if i is None else harness.adapters[i]) for s, n, i in segs]
     lora = LoraBatch(harness.pool, spec, placed, tokens, dense_min)
+    assert (lora.native is not None) == (kernels == "native")
     gen = torch.Generator().manual_seed(case)
     for site, (fan_in, width) in site_widths(spec).items():
         for layer in range(spec.num_layers):
@@ -92,6 +107,26 @@ def test_every_mix_of_runs_matches_the_packed_weights(setup, case, dense_min):
             want = base.double() + reference(spec, packed, segs, layer, site, x)
             err = float((y.double() - want).abs().max())
             assert err < 1e-4, f"{site} layer {layer}: max error {err:.3g}"
+
+
+def test_the_kernels_build_on_a_machine_with_a_c_compiler(setup):
+    """Where there is a compiler (CI has one), a float32 CPU pool's short runs go
+    to the kernels; so a slow fallback cannot pass unnoticed."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    harness, _ = setup
+    lora = LoraBatch(harness.pool, harness.spec, [(0, 1, harness.adapters[0])], 1)
+    assert lora.native is not None
+    assert lora.dense_min_tokens == NATIVE_DENSE_SEGMENT_TOKENS
+
+
+def test_a_failed_build_falls_back_to_the_torch_path(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", "false")  # a compiler that always fails
+    monkeypatch.setenv("LORAPOOL_CACHE_DIR", str(tmp_path))
+    with caplog.at_level("WARNING", logger="lorapool.model"):
+        assert native._build_and_load() is None
+    assert "torch path" in caplog.text
+    assert not list(tmp_path.rglob("*.so"))
 
 
 def test_adjacent_segments_of_one_adapter_merge_into_one_run(setup):

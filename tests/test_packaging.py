@@ -1,6 +1,6 @@
 """Packaging: the license and extras in the built metadata, exact versions in
 constraints.txt, a client that imports without torch, the server commands' install
-hint, and the files package-data ships (py.typed, the .proto). Nothing here
+hint, and the files package-data ships (py.typed, the .proto, the C kernels). Nothing here
 installs from the network; the wheel is built offline from a copy of the tree."""
 
 from __future__ import annotations
@@ -210,6 +210,8 @@ def test_wheel_ships_py_typed_and_the_proto(wheel):
     assert "lorapool/v1/lorapool_pb2.pyi" in names
     # the descriptor set with comments, which reflection serves
     assert "lorapool/v1/lorapool.binpb" in names
+    # the LoRA kernels' source, which the server compiles on first use
+    assert "lorapool/server/model/lora_kernels.c" in names
     # the wheel's proto is the committed one
     assert (
         wheel.read("lorapool/v1/lorapool.proto")

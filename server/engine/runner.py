@@ -14,7 +14,7 @@ from lorapool.memory.pool import PagePool
 from lorapool.server.engine.sampling import sample
 from lorapool.server.engine.sequence import ScheduledSeq, Sequence
 from lorapool.server.model.attention import PagedAttention, build_meta
-from lorapool.server.model.lora import DENSE_SEGMENT_TOKENS, LoraBatch, Segment
+from lorapool.server.model.lora import LoraBatch, Segment
 from lorapool.server.model.model import Model
 from lorapool.types import TokenLogprob
 
@@ -43,9 +43,10 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: Model, pool: PagePool, dense_lora_tokens: int = DENSE_SEGMENT_TOKENS):
+    def __init__(self, model: Model, pool: PagePool, dense_lora_tokens: int | None = None):
         self.model = model
-        self.dense_lora_tokens = dense_lora_tokens  # segment length where LoRA goes dense
+        # segment length where LoRA goes dense (None: lora.py's default for the path)
+        self.dense_lora_tokens = dense_lora_tokens
         self.pool = pool
         self.block_size = pool.layout.block_size
         self.scale = model.spec.head_dim**-0.5

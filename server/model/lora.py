@@ -13,6 +13,9 @@ a step's rows of one adapter side by side). Each run takes one of two paths:
   (Punica's BGMV, on CPU or GPU). The expand has one bag per (token, h-wide chunk
   of the site's fused output), empty where the token's adapter does not target the
   chunk's module, so its output is added to the fused output as it is (no scatter).
+  On a CPU with a float32 pool the short runs go to lora_kernels.c instead
+  (native.py): the same rows and layout, but each row is read once per run and
+  applied to all of the run's tokens, where embedding_bag reads it once per token.
 - dense (runs of at least `dense_min_tokens` tokens: prefill chunks, or many
   decode rows of one adapter): the adapter's matrices are gathered from the pages
   once per step for every layer (one read per step, not one per token), and each
@@ -34,12 +37,18 @@ from lorapool.memory.adapter_layout import (
     site_width,
 )
 from lorapool.memory.pool import PagePool
+from lorapool.server.model import native
 from lorapool.spec import ModelSpec
 
 # Runs with at least this many tokens of one adapter use the dense path. Measured
 # on a CPU (bench model, 16 runs of n tokens, plan build + every layer's apply):
 # dense/gathered = 2.7 at n = 2, 1.5 at 4, 1.0 at 8, 0.75 at 16, 0.41 at 64.
 DENSE_SEGMENT_TOKENS = 8
+# With the C kernels (native.py), which read a run's rows once whatever its length,
+# the dense path wins only on longer runs (bench model, one run of n tokens, every
+# layer and site: native/dense = 0.36-0.47 at n = 8, 0.69 at 16, 1.05 at 32, 1.6
+# at 64, for ranks 8-64).
+NATIVE_DENSE_SEGMENT_TOKENS = 32
 
 # (first token, number of tokens, adapter or None): a run of the step's tokens
 Segment = tuple[int, int, PlacedAdapter | None]
@@ -67,6 +76,18 @@ class _Dense:
 
 
 @dataclass
+class _NativeRuns:
+    """The short runs of one site for lora_kernels.c (native.py): one row per run,
+    fields as the kernels number them; `keep` holds the tensors the rows point to."""
+
+    shrink: torch.Tensor  # [runs, SHRINK_FIELDS] int64
+    expand: torch.Tensor  # [runs, EXPAND_FIELDS] int64
+    v_size: int  # floats of v over all runs
+    fan_in: int
+    keep: list[torch.Tensor]
+
+
+@dataclass
 class _SitePlan:
     h: int
     groups: list[_Group]
@@ -75,6 +96,7 @@ class _SitePlan:
     expand_offsets: torch.Tensor | None  # one bag per (row, chunk), empty ones included
     v_index: torch.Tensor | None  # per expand index, position in the concatenated v
     dense: list[_Dense]
+    native: _NativeRuns | None = None  # the short runs, when the C kernels take them
 
 
 def merge_runs(segments: list[Segment]) -> list[Segment]:
@@ -102,11 +124,17 @@ class LoraBatch:
         spec: ModelSpec,
         segments: list[Segment],
         num_tokens: int,
-        dense_min_tokens: int = DENSE_SEGMENT_TOKENS,
+        dense_min_tokens: int | None = None,
     ):
         self.pool = pool
-        self.dense_min_tokens = dense_min_tokens
         self.spec = spec
+        # int32 row indices are what the kernels read
+        use_native = native.wanted(pool.tensor) and pool.index_dtype == torch.int32
+        self.native = native.load() if use_native else None
+        if dense_min_tokens is None:
+            native_path = self.native is not None
+            dense_min_tokens = NATIVE_DENSE_SEGMENT_TOKENS if native_path else DENSE_SEGMENT_TOKENS
+        self.dense_min_tokens = dense_min_tokens
         self.plans: dict[str, _SitePlan] = {}
         self._views: dict[int, torch.Tensor] = {}
         runs = merge_runs(segments)
@@ -121,6 +149,9 @@ class LoraBatch:
         h = site_width(self.spec, site, self.pool.page_elems)
         sparse, dense = self._split(site, runs)
         dense_plans = [self._dense(site, s, n, a) for s, n, a in dense]
+        if sparse and self.native is not None:
+            runs_native = self._native_runs(site, h, sparse)
+            return _SitePlan(h, [], 0, None, None, None, dense_plans, runs_native)
         groups, order = self._shrink_groups(site, sparse, num_tokens)
         if not order:
             return _SitePlan(h, [], 0, None, None, None, dense_plans)
@@ -220,6 +251,34 @@ class LoraBatch:
             dense=dense,
         )
 
+    def _native_runs(self, site: str, h: int, sparse: list[AdaptedSegment]) -> _NativeRuns:
+        """The short runs as rows of run fields: where each run's indices, tokens
+        and v are, and (expand) each targeted module's column and chunk count."""
+        cols = site_columns(self.spec, site)
+        shrink, expand, keep, v_off = [], [], [], 0
+        for s, n, a in sparse:
+            si = a.sites[site]
+            mods, r, g = len(si.modules), a.rank, a.g
+            table = torch.tensor(
+                [x for m in si.modules for x in (cols[m], self.spec.module_shape(m)[1] // h)],
+                dtype=torch.long,
+            )
+            keep.append(table)
+            shrink.append(
+                [s, n, g, mods * r // g, si.shrink.data_ptr(), si.shrink.stride(0), v_off]
+            )
+            expand.append(
+                [s, n, r, mods, si.expand.data_ptr(), si.expand.stride(0), v_off, table.data_ptr()]
+            )
+            v_off += n * mods * r
+        return _NativeRuns(
+            shrink=torch.tensor(shrink, dtype=torch.long),
+            expand=torch.tensor(expand, dtype=torch.long),
+            v_size=v_off,
+            fan_in=self.spec.module_shape(SITES[site][0])[0],
+            keep=keep,
+        )
+
     def _dense(self, site: str, start: int, n: int, adapter: PlacedAdapter) -> _Dense:
         """One dense run: its adapter's matrices for every layer, gathered once."""
         si = adapter.sites[site]
@@ -244,6 +303,13 @@ class LoraBatch:
         plan = self.plans.get(site)
         if plan is None:
             return
+        if plan.native is not None:
+            nr = plan.native
+            x = x if x.stride(1) == 1 else x.contiguous()  # the kernels walk rows
+            assert y.stride(1) == 1, "the site's fused output must have unit column stride"
+            v = torch.empty(nr.v_size, dtype=y.dtype)
+            self.native.shrink(self.pool.tensor, x, nr.fan_in, nr.shrink, layer, v)
+            self.native.expand(self.pool.tensor, plan.h, y, v, nr.expand, layer)
         if plan.groups:
             vs = []
             for grp in plan.groups:

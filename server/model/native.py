@@ -1,0 +1,135 @@
+"""lora_kernels.c, compiled on first use with the machine's C compiler and called
+through ctypes: the CPU path for the LoRA of short runs (decode rows), which reads
+each adapter row once per run instead of once per token (lora.py).
+
+The library is built once per source, compiler and CPU into a cache folder
+(LORAPOOL_CACHE_DIR, else ~/.cache/lorapool), written under a temporary name and
+renamed, so concurrent processes never load a half-written file. It is built with
+OpenMP and loaded after torch, so it shares torch's OpenMP runtime (one thread
+pool). Where there is no compiler, the build fails, or LORAPOOL_NATIVE=0, `load()`
+returns None and the torch path runs instead: same results, slower."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("lorapool.model")
+
+SOURCE = Path(__file__).with_name("lora_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+# Fields per run, as lora_kernels.c's enums number them.
+SHRINK_FIELDS = 7  # start, n, g, bags, index pointer, layer stride, v offset
+EXPAND_FIELDS = 8  # start, n, rank, modules, index pointer, layer stride, v offset, table
+
+_lock = threading.Lock()
+_loaded: list[NativeLora | None] = []  # [] until the first load() decides
+
+
+class NativeLora:
+    """The two kernels, with argument types declared once."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self._shrink = lib.lora_shrink
+        self._shrink.argtypes = [p, p, i64, i64, p, i64, i64, p]
+        self._shrink.restype = None
+        self._expand = lib.lora_expand
+        self._expand.argtypes = [p, i64, p, i64, p, p, i64, i64]
+        self._expand.restype = None
+
+    def shrink(self, pool, x, fan_in, runs, layer, v) -> None:
+        self._shrink(
+            pool.data_ptr(), x.data_ptr(), x.stride(0), fan_in,
+            runs.data_ptr(), runs.shape[0], layer, v.data_ptr(),
+        )  # fmt: skip
+
+    def expand(self, pool, h, y, v, runs, layer) -> None:
+        self._expand(
+            pool.data_ptr(), h, y.data_ptr(), y.stride(0), v.data_ptr(),
+            runs.data_ptr(), runs.shape[0], layer,
+        )  # fmt: skip
+
+
+def wanted(pool_tensor: torch.Tensor) -> bool:
+    """The kernels read float32 pools on the CPU."""
+    return (
+        pool_tensor.device.type == "cpu"
+        and pool_tensor.dtype == torch.float32
+        and os.environ.get("LORAPOOL_NATIVE", "1") != "0"
+    )
+
+
+def load() -> NativeLora | None:
+    """The compiled kernels, or None where they cannot be built (decided once)."""
+    with _lock:
+        if not _loaded:
+            _loaded.append(_build_and_load())
+        return _loaded[0]
+
+
+def _build_and_load() -> NativeLora | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler: LoRA runs on the torch path")
+        return None
+    try:
+        path = _library_path(compiler)
+        if not path.exists():
+            _compile(compiler, path)
+        return NativeLora(ctypes.CDLL(str(path)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("LoRA kernels not built (%s): the torch path runs instead", exc)
+        return None
+
+
+def _library_path(compiler: str) -> Path:
+    """Keyed on everything the binary depends on: source, flags, compiler, CPU."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(" ".join(FLAGS).encode())
+    version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
+    key.update(version)
+    key.update(platform.machine().encode())
+    key.update(_cpu_flags().encode())
+    root = Path(os.environ.get("LORAPOOL_CACHE_DIR") or Path.home() / ".cache" / "lorapool")
+    return root / "native" / f"lora_kernels-{key.hexdigest()[:16]}.so"
+
+
+def _cpu_flags() -> str:
+    """-march=native builds for this CPU: a cache shared with another CPU must not
+    hand it this binary."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compile(compiler: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        out = Path(tmp) / path.name
+        done = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {done.stderr.strip()[:500]}")
+        os.replace(out, path)
+    log.info("built %s", path)
