@@ -22,12 +22,12 @@ from lorapool.server.model.model import Model
 
 REGIONS = [
     (ModelRunner, "step", "step"),
-    (runner_mod, "build_meta", "attention metadata (build_meta)"),
+    (PagedAttention, "build_meta", "attention metadata (build_meta)"),
     (ModelRunner, "_lora_batch", "LoRA plan lookup/build"),
     (Model, "forward", "forward"),
     (Linear, "__call__", "dense matmuls (Linear)"),
     (LoraBatch, "apply", "LoRA apply"),
-    (PagedAttention, "__call__", "attention (embedding_bag + softmax)"),
+    (PagedAttention, "__call__", "decode + prefill attention"),
     (PagedAttention, "write", "KV write"),
     (runner_mod, "sample", "sampling"),
 ]
@@ -117,7 +117,7 @@ def print_profile(p: dict) -> None:
     step = get("step", 0.0)
     fwd = get("forward", 0.0)
     inner = ["dense matmuls (Linear)", "LoRA apply"]
-    inner += ["attention (embedding_bag + softmax)", "KV write"]
+    inner += ["decode + prefill attention", "KV write"]
     outer = ["attention metadata (build_meta)", "LoRA plan lookup/build", "sampling"]
     print(
         f"\nProfile: batch {p['batch']}, {p['adapters']} adapters, {p['steps']} decode steps "

@@ -34,7 +34,7 @@ REGIONS = [
     (StepLoop, "_postprocess", "loop._postprocess"),
     (AdapterManager, "place", "adapter place (step thread)"),
     (ModelRunner, "step", "runner.step"),
-    (runner_mod, "build_meta", "  attention metadata"),
+    (PagedAttention, "build_meta", "  attention metadata"),
     (ModelRunner, "_lora_batch", "  LoRA plan lookup"),
     (LoraBatch, "__init__", "    LoraBatch build"),
     (Model, "forward", "  model forward"),

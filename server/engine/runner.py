@@ -13,7 +13,7 @@ import torch
 from lorapool.memory.pool import PagePool
 from lorapool.server.engine.sampling import sample
 from lorapool.server.engine.sequence import ScheduledSeq, Sequence
-from lorapool.server.model.attention import PagedAttention, build_meta
+from lorapool.server.model.attention import PagedAttention
 from lorapool.server.model.lora import LoraBatch, Segment
 from lorapool.server.model.model import Model
 from lorapool.types import TokenLogprob
@@ -59,8 +59,7 @@ class ModelRunner:
         # run of rows (dense per adapter when the run is long).
         batch = sorted(batch, key=lambda s: (s.num_tokens != 1, s.adapter.key if s.adapter else ""))
         inputs = self._flatten(batch)
-        meta = build_meta(
-            self.pool,
+        meta = self.attention.build_meta(
             self.model.spec.num_heads,
             inputs.slot_pages,
             inputs.slot_offsets,

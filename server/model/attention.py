@@ -1,11 +1,12 @@
 """Attention over KV blocks that live in pool pages.
 
-Decode rows (one new token each) read K and V straight from the pages with two
-embedding_bag calls, no gather copy: a page stores K transposed per KV head
-([head_dim, block]), so q.K for one block is a q-weighted sum of K^T's rows, and
-the output is a softmax-weighted sum of V's rows. Prefill chunks run one
-sequence at a time with a causal mask offset by the tokens already cached
-(prefix-cache hits and earlier chunks)."""
+Decode rows (one new token each) read K and V straight from the pages, no gather
+copy: on a CPU with a float32 pool through attention_kernels.c (native.py), which
+needs only each row's block table and length; elsewhere with two embedding_bag
+calls: a page stores K transposed per KV head ([head_dim, block]), so q.K for one
+block is a q-weighted sum of K^T's rows, and the output is a softmax-weighted sum
+of V's rows. Prefill chunks run one sequence at a time with a causal mask offset
+by the tokens already cached (prefix-cache hits and earlier chunks)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lorapool.memory.pool import PagePool
+from lorapool.server.model import native
 
 
 @dataclass
@@ -28,9 +30,16 @@ class PrefillChunk:
 
 @dataclass
 class AttentionMeta:
-    k_write: torch.Tensor  # [tokens * kv heads * head dim] layer-0 elements of new K^T
-    v_write: torch.Tensor  # [tokens * kv heads] layer-0 rows (width head dim) of new V
+    """A step's attention inputs, built once and read by every layer. The C kernels
+    (native.py) take block tables and slots; the torch path takes flat indices."""
+
     num_decode: int = 0  # tokens [0, num_decode) are decode rows
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    scale: float = 1.0
+    sliding_window: int | None = None
+    # torch path: where new K/V go, and the decode rows' embedding_bag inputs
+    k_write: torch.Tensor | None = None  # [tokens * kv heads * head dim] layer-0 elements of K^T
+    v_write: torch.Tensor | None = None  # [tokens * kv heads] layer-0 rows (width head dim) of V
     k_rows: torch.Tensor | None = (
         None  # layer-0 rows of K^T (width block) per (row, head, block, d)
     )
@@ -38,35 +47,12 @@ class AttentionMeta:
     k_offsets: torch.Tensor | None = None
     v_offsets: torch.Tensor | None = None
     decode_bias: torch.Tensor | None = None  # [rows, heads, slots]: 0 or -inf
-    prefills: list[PrefillChunk] = field(default_factory=list)
-    scale: float = 1.0
-
-
-def build_meta(
-    pool: PagePool,
-    num_heads: int,
-    slot_pages: list[int],
-    slot_offsets: list[int],
-    decode_tables: list[list[int]],
-    decode_lens: list[int],
-    prefills: list[tuple[int, int, int, list[int]]],
-    scale: float,
-    sliding_window: int | None = None,
-) -> AttentionMeta:
-    """Assemble the metadata on the host and move it to the device once."""
-    device = pool.device
-    k_write, v_write = _write_indices(pool, slot_pages, slot_offsets)
-    meta = AttentionMeta(
-        k_write=k_write.reshape(-1).to(device),
-        v_write=v_write.reshape(-1).to(device),
-        num_decode=len(decode_lens),
-        scale=scale,
-    )
-    if decode_lens:
-        _add_decode_rows(meta, pool, num_heads, decode_tables, decode_lens, sliding_window)
-    for start, q_len, ctx_len, table in prefills:
-        meta.prefills.append(_prefill_chunk(start, q_len, ctx_len, table, sliding_window, device))
-    return meta
+    # C kernels: each new token's page and slot, each decode row's blocks and length
+    slot_pages: torch.Tensor | None = None  # int32 [tokens]
+    slot_offsets: torch.Tensor | None = None  # int32 [tokens]
+    decode_pages: torch.Tensor | None = None  # int32 [rows, blocks] block tables
+    decode_lens: torch.Tensor | None = None  # int32 [rows] tokens cached, the new one too
+    decode_scores: torch.Tensor | None = None  # scratch for the scores, shared by layers
 
 
 def _write_indices(
@@ -169,9 +155,61 @@ class PagedAttention:
             pool.rows_view(lay.head_dim, i * layer_elems) for i in range(lay.num_layers)
         ]
         self.flat_views = [pool.tensor[i * layer_elems :] for i in range(lay.num_layers)]
+        self.layer_elems = layer_elems
+        self.native = native.load() if native.wanted(pool.tensor) else None
+
+    def build_meta(
+        self,
+        num_heads: int,
+        slot_pages: list[int],
+        slot_offsets: list[int],
+        decode_tables: list[list[int]],
+        decode_lens: list[int],
+        prefills: list[tuple[int, int, int, list[int]]],
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> AttentionMeta:
+        """Assemble a step's metadata on the host and move it to the device once."""
+        pool = self.pool
+        device = pool.device
+        meta = AttentionMeta(
+            num_decode=len(decode_lens), scale=scale, sliding_window=sliding_window
+        )
+        if self.native is not None:
+            meta.slot_pages = torch.tensor(slot_pages, dtype=torch.int32)
+            meta.slot_offsets = torch.tensor(slot_offsets, dtype=torch.int32)
+        else:
+            k_write, v_write = _write_indices(pool, slot_pages, slot_offsets)
+            meta.k_write = k_write.reshape(-1).to(device)
+            meta.v_write = v_write.reshape(-1).to(device)
+        if decode_lens and self.native is not None:
+            width = max(len(t) for t in decode_tables)
+            meta.decode_pages = torch.tensor(
+                [t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.int32
+            )
+            meta.decode_lens = torch.tensor(decode_lens, dtype=torch.int32)
+            rows = len(decode_lens)
+            meta.decode_scores = torch.empty(rows * num_heads * width * pool.layout.block_size)
+        elif decode_lens:
+            _add_decode_rows(meta, pool, num_heads, decode_tables, decode_lens, sliding_window)
+        for start, q_len, ctx_len, table in prefills:
+            meta.prefills.append(
+                _prefill_chunk(start, q_len, ctx_len, table, sliding_window, device)
+            )
+        return meta
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta) -> None:
         """k, v: [tokens, kv heads, head dim] of the step's new tokens."""
+        if meta.slot_pages is not None:
+            if k.stride(2) != 1 or k.stride(1) != k.shape[2]:
+                k = k.contiguous()
+            if v.stride(2) != 1 or v.stride(1) != v.shape[2]:
+                v = v.contiguous()
+            self.native.kv_write(
+                self.pool.tensor, self.pool.page_elems, layer * self.layer_elems, k, v,
+                meta.slot_pages, meta.slot_offsets, self.pool.layout.block_size,
+            )  # fmt: skip
+            return
         self.flat_views[layer].index_put_((meta.k_write,), k.reshape(-1))
         self.v_views[layer].index_copy_(0, meta.v_write, v.reshape(-1, v.shape[-1]))
 
@@ -182,8 +220,13 @@ class PagedAttention:
         the step's new keys and values ([tokens, kv heads, head dim]), which a chunk
         with nothing cached before it attends to as they are (no read back)."""
         d = meta.num_decode
-        out = torch.empty_like(q) if meta.prefills else None
-        if d:
+        rows = q.shape[0] if meta.prefills else d  # out is contiguous, as the kernel writes it
+        out = torch.empty(rows, *q.shape[1:], dtype=q.dtype, device=q.device)
+        if d and meta.decode_pages is not None:
+            self._native_decode(layer, q[:d], out, meta)
+            if not meta.prefills:
+                return out
+        elif d:
             heads, hd = q.shape[1], q.shape[2]
             blocks = meta.k_offsets.numel() // (d * heads)
             weights = q[:d].unsqueeze(2).expand(d, heads, blocks, hd)
@@ -203,7 +246,7 @@ class PagedAttention:
                 mode="sum",
                 per_sample_weights=probs.reshape(-1),
             ).view(d, heads, hd)
-            if out is None:
+            if not meta.prefills:
                 return decoded
             out[:d] = decoded
         for chunk in meta.prefills:
@@ -225,6 +268,19 @@ class PagedAttention:
             )
             out[s : s + n] = o.squeeze(0).transpose(0, 1)
         return out
+
+    def _native_decode(
+        self, layer: int, q: torch.Tensor, out: torch.Tensor, meta: AttentionMeta
+    ) -> None:
+        """The decode rows through attention_kernels.c, into out's first rows."""
+        if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+            q = q.contiguous()
+        lay = self.pool.layout
+        self.native.decode_attention(
+            self.pool.tensor, self.pool.page_elems, layer * self.layer_elems, q, out,
+            meta.decode_pages, meta.decode_lens, lay.num_kv_heads, lay.block_size,
+            meta.sliding_window, meta.scale, meta.decode_scores,
+        )  # fmt: skip
 
     def _gather(self, layer: int, chunk: PrefillChunk):
         """[1, kv heads, ctx, head dim] K and V of one sequence."""

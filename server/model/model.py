@@ -102,7 +102,7 @@ class Model:
         """Run all tokens of a step; return float32 logits of the rows in logits_index.
 
         attention reads and writes the pool's KV pages; the new tokens' K and V go to
-        meta.k_write / meta.v_write."""
+        the slots meta names."""
         spec = self.spec
         t = input_ids.numel()
         x = self.embed.index_select(0, input_ids)

@@ -1,13 +1,15 @@
-"""lora_kernels.c, compiled on first use with the machine's C compiler and called
-through ctypes: the CPU path for the LoRA of short runs (decode rows), which reads
-each adapter row once per run instead of once per token (lora.py).
+"""The C kernels of a CPU, compiled on first use with the machine's C compiler and
+called through ctypes: lora_kernels.c for the LoRA of short runs (decode rows),
+which reads each adapter row once per run instead of once per token (lora.py), and
+attention_kernels.c for decode attention, which reads each KV block once for all
+the query heads that share it (attention.py).
 
 The library is built once per source, compiler and CPU into a cache folder
 (LORAPOOL_CACHE_DIR, else ~/.cache/lorapool), written under a temporary name and
 renamed, so concurrent processes never load a half-written file. It is built with
 OpenMP and loaded after torch, so it shares torch's OpenMP runtime (one thread
 pool). Where there is no compiler, the build fails, or LORAPOOL_NATIVE=0, `load()`
-returns None and the torch path runs instead: same results, slower."""
+returns None and the torch paths run instead: same results, slower."""
 
 from __future__ import annotations
 
@@ -26,19 +28,19 @@ import torch
 
 log = logging.getLogger("lorapool.model")
 
-SOURCE = Path(__file__).with_name("lora_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+SOURCES = [Path(__file__).with_name(n) for n in ("lora_kernels.c", "attention_kernels.c")]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 # Fields per run, as lora_kernels.c's enums number them.
 SHRINK_FIELDS = 7  # start, n, g, bags, index pointer, layer stride, v offset
 EXPAND_FIELDS = 8  # start, n, rank, modules, index pointer, layer stride, v offset, table
 
 _lock = threading.Lock()
-_loaded: list[NativeLora | None] = []  # [] until the first load() decides
+_loaded: list[NativeKernels | None] = []  # [] until the first load() decides
 
 
-class NativeLora:
-    """The two kernels, with argument types declared once."""
+class NativeKernels:
+    """The kernels, with argument types declared once."""
 
     def __init__(self, lib: ctypes.CDLL):
         p, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -48,6 +50,13 @@ class NativeLora:
         self._expand = lib.lora_expand
         self._expand.argtypes = [p, i64, p, i64, p, p, i64, i64]
         self._expand.restype = None
+        self._attention = lib.decode_attention
+        self._attention.argtypes = [p, i64, i64, p, i64, p, p, i64, p, i64, i64, i64, i64, i64]
+        self._attention.argtypes += [i64, ctypes.c_float, p]
+        self._attention.restype = None
+        self._kv_write = lib.kv_write
+        self._kv_write.argtypes = [p, i64, i64, p, i64, p, i64, p, p, i64, i64, i64, i64]
+        self._kv_write.restype = None
 
     def shrink(self, pool, x, fan_in, runs, layer, v) -> None:
         self._shrink(
@@ -61,6 +70,29 @@ class NativeLora:
             runs.data_ptr(), runs.shape[0], layer,
         )  # fmt: skip
 
+    def decode_attention(
+        self, pool, page_elems, layer_offset, q, out, tables, lens, kv_heads, block, window,
+        scale, scores,
+    ) -> None:  # fmt: skip
+        """q: [rows, heads, head_dim] (rows may be strided), out: the same, contiguous;
+        tables: int32 [rows, width] page ids; lens: int32 [rows] tokens cached; scores:
+        scratch of rows * heads * width * block floats."""
+        rows, heads, head_dim = q.shape
+        self._attention(
+            pool.data_ptr(), page_elems, layer_offset, q.data_ptr(), q.stride(0),
+            out.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), rows, heads,
+            kv_heads, head_dim, block, window or 0, scale, scores.data_ptr(),
+        )  # fmt: skip
+
+    def kv_write(self, pool, page_elems, layer_offset, k, v, pages, offsets, block) -> None:
+        """k, v: [tokens, kv heads, head_dim] (tokens may be strided); pages, offsets:
+        int32 [tokens], each token's page and slot in it."""
+        tokens, kv_heads, head_dim = k.shape
+        self._kv_write(
+            pool.data_ptr(), page_elems, layer_offset, k.data_ptr(), k.stride(0), v.data_ptr(),
+            v.stride(0), pages.data_ptr(), offsets.data_ptr(), tokens, kv_heads, head_dim, block,
+        )  # fmt: skip
+
 
 def wanted(pool_tensor: torch.Tensor) -> bool:
     """The kernels read float32 pools on the CPU."""
@@ -71,7 +103,7 @@ def wanted(pool_tensor: torch.Tensor) -> bool:
     )
 
 
-def load() -> NativeLora | None:
+def load() -> NativeKernels | None:
     """The compiled kernels, or None where they cannot be built (decided once)."""
     with _lock:
         if not _loaded:
@@ -79,32 +111,33 @@ def load() -> NativeLora | None:
         return _loaded[0]
 
 
-def _build_and_load() -> NativeLora | None:
+def _build_and_load() -> NativeKernels | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.info("no C compiler: LoRA runs on the torch path")
+        log.info("no C compiler: the torch paths run instead of the C kernels")
         return None
     try:
         path = _library_path(compiler)
         if not path.exists():
             _compile(compiler, path)
-        return NativeLora(ctypes.CDLL(str(path)))
+        return NativeKernels(ctypes.CDLL(str(path)))
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("LoRA kernels not built (%s): the torch path runs instead", exc)
+        log.warning("C kernels not built (%s): the torch paths run instead", exc)
         return None
 
 
 def _library_path(compiler: str) -> Path:
     """Keyed on everything the binary depends on: source, flags, compiler, CPU."""
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        key.update(source.read_bytes())
     key.update(" ".join(FLAGS).encode())
     version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
     key.update(version)
     key.update(platform.machine().encode())
     key.update(_cpu_flags().encode())
     root = Path(os.environ.get("LORAPOOL_CACHE_DIR") or Path.home() / ".cache" / "lorapool")
-    return root / "native" / f"lora_kernels-{key.hexdigest()[:16]}.so"
+    return root / "native" / f"kernels-{key.hexdigest()[:16]}.so"
 
 
 def _cpu_flags() -> str:
@@ -124,7 +157,7 @@ def _compile(compiler: str, path: Path) -> None:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         out = Path(tmp) / path.name
         done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(out)],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(out), "-lm"],
             capture_output=True,
             text=True,
             timeout=120,
