@@ -20,6 +20,8 @@ SHAPES = [
     (2, 5, 3, 3, 12, None),
     (2, 8, 2, 4, 20, 11),
     (1, 16, 4, 8, 8, 16),
+    (1, 32, 1, 6, 40, None),  # a group larger than the kernel's register block
+    (1, 24, 2, 10, 16, 30),
 ]
 LENS = [1, 4, 5, 16, 17, 31, 40, 2]
 

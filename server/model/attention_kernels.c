@@ -4,8 +4,8 @@
  * The torch path (two embedding_bag calls) reads each KV head's keys and values
  * once per query head, and needs per-slot index and mask tensors built on the
  * host every step. Here one task per (row, KV head) reads each block once for
- * all the query heads that share it (GQA), with only the row's block table and
- * length as input.
+ * all the query heads that share it (GQA), in registers, with only the row's
+ * block table and length as input.
  *
  * Page layout, as memory/pool.py's KV layout places it (per page and layer, at
  * `layer_offset` elements into the page): K transposed per KV head
@@ -18,12 +18,20 @@
 #include <stdint.h>
 #include <string.h>
 
-/* 16 floats: GCC/Clang vector extensions, one AVX-512 register (two AVX2 ones,
- * four NEON ones; plain scalar code where there are none). Unaligned access. */
+/* One machine register of floats (GCC/Clang vector extensions): 16 with AVX-512,
+ * 8 with AVX, else 4 (SSE, NEON; scalar code where there are none). Vectors wider
+ * than a register are split by the compiler into spills to the stack, which made
+ * this kernel slower than torch's on AVX2. Unaligned access. */
+#if defined(__AVX512F__)
 enum { LANES = 16 };
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef float vf_unaligned __attribute__((vector_size(64), aligned(4), may_alias));
+#elif defined(__AVX__)
+enum { LANES = 8 };
+#else
+enum { LANES = 4 };
+#endif
+typedef float vf __attribute__((vector_size(LANES * 4)));
+typedef int32_t vi __attribute__((vector_size(LANES * 4)));
+typedef float vf_unaligned __attribute__((vector_size(LANES * 4), aligned(4), may_alias));
 
 static inline vf load(const float *p) { return *(const vf_unaligned *)p; }
 static inline void store(float *p, vf v) { *(vf_unaligned *)p = v; }
@@ -48,38 +56,97 @@ static inline vf exp_nonpositive(vf x) {
     return p * (vf)((ni + 127) << 23);
 }
 
-/* s[c] = w . K^T[:, c] for a block's slots [c0, c1), LANES slots at a time with
- * four accumulators in registers (four independent chains) while the head dim
- * is walked. */
-static void block_scores(const float *restrict kt, int64_t head_dim, int64_t block,
-                         const float *restrict w, int64_t c0, int64_t c1, float *restrict s) {
+/* Register blocking: up to HEADS query heads of a GQA group at once, two vectors
+ * of slots (or of output dims) each, so every K or V load feeds HEADS x 2
+ * independent FMA chains: enough to hide the FMA latency, and each block is read
+ * once for the group. The functions take nh as a constant (see the switches in
+ * decode_attention) so the accumulators stay in registers. */
+enum { HEADS = 4 };
+
+/* s_j[c] = w_j . K^T[:, c] for heads j < nh and a block's slots [c0, c1); w_j
+ * and s_j are `w_stride` and `s_stride` floats apart. */
+static inline __attribute__((always_inline)) void
+block_scores(const int nh, const float *restrict kt, int64_t head_dim, int64_t block,
+             const float *restrict w, int64_t w_stride, int64_t c0, int64_t c1,
+             float *restrict s, int64_t s_stride) {
     int64_t c = c0;
+    for (; c + 2 * LANES <= c1; c += 2 * LANES) {
+        vf acc[HEADS][2] = {{{0}}};
+        for (int64_t d = 0; d < head_dim; d++) {
+            const vf k0 = load(kt + d * block + c), k1 = load(kt + d * block + c + LANES);
+            for (int j = 0; j < nh; j++) {
+                acc[j][0] += w[j * w_stride + d] * k0;
+                acc[j][1] += w[j * w_stride + d] * k1;
+            }
+        }
+        for (int j = 0; j < nh; j++) {
+            store(s + j * s_stride + c, acc[j][0]);
+            store(s + j * s_stride + c + LANES, acc[j][1]);
+        }
+    }
     for (; c + LANES <= c1; c += LANES) {
-        vf acc[4] = {{0}, {0}, {0}, {0}};
-        int64_t d = 0;
-        for (; d + 4 <= head_dim; d += 4)
-            for (int k = 0; k < 4; k++) acc[k] += w[d + k] * load(kt + (d + k) * block + c);
-        for (; d < head_dim; d++) acc[0] += w[d] * load(kt + d * block + c);
-        store(s + c, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+        vf acc[HEADS] = {{0}};
+        for (int64_t d = 0; d < head_dim; d++) {
+            const vf k0 = load(kt + d * block + c);
+            for (int j = 0; j < nh; j++) acc[j] += w[j * w_stride + d] * k0;
+        }
+        for (int j = 0; j < nh; j++) store(s + j * s_stride + c, acc[j]);
     }
-    for (; c < c1; c++) {
-        float acc = 0.0f;
-        for (int64_t d = 0; d < head_dim; d++) acc += w[d] * kt[d * block + c];
-        s[c] = acc;
-    }
+    for (; c < c1; c++)
+        for (int j = 0; j < nh; j++) {
+            float acc = 0.0f;
+            for (int64_t d = 0; d < head_dim; d++) acc += w[j * w_stride + d] * kt[d * block + c];
+            s[j * s_stride + c] = acc;
+        }
 }
 
-/* o[0, LANES) += sum over slots [c0, c1) of p[c] V[c][0, LANES), V's rows head_dim
- * apart; four accumulators as above. */
-static vf block_values(const float *restrict v, int64_t head_dim, const float *restrict p,
-                       int64_t c0, int64_t c1, vf acc0) {
-    vf acc[4] = {acc0, {0}, {0}, {0}};
-    int64_t c = c0;
-    for (; c + 4 <= c1; c += 4)
-        for (int k = 0; k < 4; k++) acc[k] += p[c + k] * load(v + (c + k) * head_dim);
-    for (; c < c1; c++) acc[0] += p[c] * load(v + c * head_dim);
-    return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+/* o_j[0, head_dim) += sum over slots [c0, c1) of p_j[c] V[c] for heads j < nh;
+ * V's rows head_dim apart, p_j `p_stride` floats apart, o_j head_dim apart. */
+static inline __attribute__((always_inline)) void
+block_values(const int nh, const float *restrict v, int64_t head_dim, const float *restrict p,
+             int64_t p_stride, int64_t c0, int64_t c1, float *restrict o) {
+    int64_t d = 0;
+    for (; d + 2 * LANES <= head_dim; d += 2 * LANES) {
+        vf acc[HEADS][2];
+        for (int j = 0; j < nh; j++) {
+            acc[j][0] = load(o + j * head_dim + d);
+            acc[j][1] = load(o + j * head_dim + d + LANES);
+        }
+        for (int64_t c = c0; c < c1; c++) {
+            const vf v0 = load(v + c * head_dim + d), v1 = load(v + c * head_dim + d + LANES);
+            for (int j = 0; j < nh; j++) {
+                acc[j][0] += p[j * p_stride + c] * v0;
+                acc[j][1] += p[j * p_stride + c] * v1;
+            }
+        }
+        for (int j = 0; j < nh; j++) {
+            store(o + j * head_dim + d, acc[j][0]);
+            store(o + j * head_dim + d + LANES, acc[j][1]);
+        }
+    }
+    for (; d + LANES <= head_dim; d += LANES) {
+        vf acc[HEADS];
+        for (int j = 0; j < nh; j++) acc[j] = load(o + j * head_dim + d);
+        for (int64_t c = c0; c < c1; c++) {
+            const vf v0 = load(v + c * head_dim + d);
+            for (int j = 0; j < nh; j++) acc[j] += p[j * p_stride + c] * v0;
+        }
+        for (int j = 0; j < nh; j++) store(o + j * head_dim + d, acc[j]);
+    }
+    for (; d < head_dim; d++)
+        for (int j = 0; j < nh; j++)
+            for (int64_t c = c0; c < c1; c++)
+                o[j * head_dim + d] += p[j * p_stride + c] * v[c * head_dim + d];
 }
+
+/* The switches: nh as a compile-time constant in each case. */
+#define BY_HEADS(nh, call)                                                                   \
+    switch (nh) {                                                                            \
+    case 1: call(1); break;                                                                  \
+    case 2: call(2); break;                                                                  \
+    case 3: call(3); break;                                                                  \
+    default: call(4); break;                                                                 \
+    }
 
 /* s[lo, len) = e^(s - m), returning their sum. */
 static float exp_and_sum(float *restrict s, int64_t lo, int64_t len, float m) {
@@ -107,7 +174,13 @@ static inline void prefetch(const float *p, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
 }
 
-enum { AHEAD = 2 }; /* blocks fetched ahead of the one being read */
+/* The same into L2 only: a task's V blocks, fetched while its K pass runs. */
+static inline void prefetch_l2(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 2);
+}
+
+enum { AHEAD = 2 };               /* blocks fetched into L1 ahead of the one being read */
+enum { L2_AHEAD = 128 * 1024 / 4 }; /* floats of V fetched into L2 at a task's start */
 
 void decode_attention(const float *restrict pool, int64_t page_elems, int64_t layer_offset,
                       const float *restrict q, int64_t q_stride, float *restrict out,
@@ -137,13 +210,19 @@ void decode_attention(const float *restrict pool, int64_t page_elems, int64_t la
                 w[j * head_dim + d] = scale * q[row * q_stride + (head0 + j) * head_dim + d];
 
         for (int64_t b = first; b <= last && b < first + AHEAD; b++) prefetch(K_BLOCK(b), bytes);
+        for (int64_t b = first; b <= last && (b - first) * bytes < L2_AHEAD; b++)
+            prefetch_l2(V_BLOCK(b), bytes);
         for (int64_t b = first; b <= last; b++) {
             if (b + AHEAD <= last) prefetch(K_BLOCK(b + AHEAD), bytes);
             const int64_t c0 = b * block < lo ? lo - b * block : 0;
             const int64_t c1 = len - b * block < block ? len - b * block : block;
-            for (int64_t j = 0; j < group; j++)
-                block_scores(K_BLOCK(b), head_dim, block, w + j * head_dim, c0, c1,
-                             s + j * slots + b * block);
+            for (int64_t j = 0; j < group; j += HEADS) {
+                const int64_t nh = group - j < HEADS ? group - j : HEADS;
+#define SCORES(n) block_scores(n, K_BLOCK(b), head_dim, block, w + j * head_dim, head_dim, \
+                               c0, c1, s + j * slots + b * block, slots)
+                BY_HEADS(nh, SCORES)
+#undef SCORES
+            }
         }
         for (int64_t b = first; b <= last && b < first + AHEAD; b++) prefetch(V_BLOCK(b), bytes);
         float inv[group];
@@ -159,15 +238,12 @@ void decode_attention(const float *restrict pool, int64_t page_elems, int64_t la
             if (b + AHEAD <= last) prefetch(V_BLOCK(b + AHEAD), bytes);
             const int64_t c0 = b * block < lo ? lo - b * block : 0;
             const int64_t c1 = len - b * block < block ? len - b * block : block;
-            const float *vb = V_BLOCK(b);
-            for (int64_t j = 0; j < group; j++) {
-                const float *p = s + j * slots + b * block;
-                float *restrict oj = o + j * head_dim;
-                int64_t d0 = 0;
-                for (; d0 + LANES <= head_dim; d0 += LANES)
-                    store(oj + d0, block_values(vb + d0, head_dim, p, c0, c1, load(oj + d0)));
-                for (; d0 < head_dim; d0++)
-                    for (int64_t c = c0; c < c1; c++) oj[d0] += p[c] * vb[c * head_dim + d0];
+            for (int64_t j = 0; j < group; j += HEADS) {
+                const int64_t nh = group - j < HEADS ? group - j : HEADS;
+#define VALUES(n) block_values(n, V_BLOCK(b), head_dim, s + j * slots + b * block, slots, \
+                               c0, c1, o + j * head_dim)
+                BY_HEADS(nh, VALUES)
+#undef VALUES
             }
         }
 #undef K_BLOCK
