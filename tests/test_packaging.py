@@ -211,7 +211,9 @@ def test_wheel_ships_py_typed_and_the_proto(wheel):
     # the descriptor set with comments, which reflection serves
     assert "lorapool/v1/lorapool.binpb" in names
     # the C kernels' sources, which the server compiles on first use
-    for source in (ROOT / "server" / "model").glob("*.c"):
+    sources = [*(ROOT / "server" / "model").glob("*.[ch]")]
+    assert any(s.suffix == ".h" for s in sources)
+    for source in sources:
         assert f"lorapool/server/model/{source.name}" in names
     # the wheel's proto is the committed one
     assert (

@@ -4,7 +4,8 @@
  * The torch path (embedding_bag) reads an adapter's rows once per token. Here the
  * tokens of one run (consecutive tokens of one adapter) share every row read: a
  * row is loaded once and applied to all of the run's tokens while it is in L1,
- * so a step reads each adapter once per run, whatever the run's length.
+ * so a step reads each adapter once per run, whatever the run's length. A run of
+ * one token (a decode row) sums its shrink in registers, several rows in flight.
  *
  * Layouts are memory/adapter_layout.py's: the pool is a flat float array; a row
  * of width w at row index k starts at element k * w. Per run and layer:
@@ -17,6 +18,34 @@
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "simd.h"
+
+/* One token's shrink for one bag, columns [c0, c0 + NV * LANES) of its sub-rows:
+ * NV vectors of U accumulators each in registers, U consecutive rows in flight,
+ * so the sum over fan_in runs as U * NV independent FMA chains instead of one
+ * chain through memory. NV and U are constants at each call (see below). */
+static inline __attribute__((always_inline)) void
+shrink_one(const int NV, const int U, const float *restrict pool, const float *restrict x,
+           const int32_t *restrict ib, int64_t fan_in, int64_t g, int64_t c0,
+           float *restrict out) {
+    vf acc[4][4] = {{{0}}};
+    int64_t i = 0;
+    for (; i + U <= fan_in; i += U)
+        for (int u = 0; u < U; u++) {
+            const float *restrict row = pool + (int64_t)ib[i + u] * g + c0;
+            for (int v = 0; v < NV; v++) acc[u][v] += x[i + u] * load(row + v * LANES);
+        }
+    for (; i < fan_in; i++) {
+        const float *restrict row = pool + (int64_t)ib[i] * g + c0;
+        for (int v = 0; v < NV; v++) acc[0][v] += x[i] * load(row + v * LANES);
+    }
+    for (int v = 0; v < NV; v++) {
+        vf sum = acc[0][v];
+        for (int u = 1; u < U; u++) sum += acc[u][v];
+        store(out + c0 + v * LANES, sum);
+    }
+}
 
 /* One run of the shrink: start token, tokens, sub-row width g, bags, index array
  * (int32, layer 0) and its per-layer stride, and where the run's v starts. */
@@ -32,6 +61,22 @@ void lora_shrink(const float *restrict pool, const float *restrict x, int64_t x_
         const int32_t *idx = (const int32_t *)(intptr_t)run[S_IDX] + layer * run[S_STRIDE];
         float *out = v + run[S_VOFF];
         const int64_t width = bags * g;
+        if (n == 1 && g % LANES == 0) { /* a decode row: register accumulators */
+            const float *xt = x + start * x_stride;
+            for (int64_t b = 0; b < bags; b++)
+                for (int64_t c0 = 0; c0 < g; c0 += 4 * LANES) {
+                    const int64_t nv = (g - c0) / LANES;
+                    const int32_t *ib = idx + b * fan_in;
+                    float *o = out + b * g;
+                    switch (nv < 4 ? nv : 4) {
+                    case 1: shrink_one(1, 4, pool, xt, ib, fan_in, g, c0, o); break;
+                    case 2: shrink_one(2, 4, pool, xt, ib, fan_in, g, c0, o); break;
+                    case 3: shrink_one(3, 2, pool, xt, ib, fan_in, g, c0, o); break;
+                    default: shrink_one(4, 2, pool, xt, ib, fan_in, g, c0, o); break;
+                    }
+                }
+            continue;
+        }
         memset(out, 0, sizeof(float) * n * width);
         for (int64_t b = 0; b < bags; b++) {
             const int32_t *ib = idx + b * fan_in;
@@ -64,9 +109,13 @@ void lora_expand(const float *restrict pool, int64_t h, float *restrict y, int64
         const int64_t v_width = mods * r;
         for (int64_t k = 0; k < mods; k++) {
             const int64_t col = table[2 * k], chunks = table[2 * k + 1];
-            for (int64_t d = 0; d < chunks; d++) {
-                for (int64_t j = 0; j < r; j++) {
-                    const float *restrict row = pool + (int64_t)(*idx++) * h;
+            /* j outer, chunks inner: the chunks of one j are consecutive sub-rows of
+             * B^T's row j, so the adapter streams through memory in order */
+            for (int64_t j = 0; j < r; j++) {
+                for (int64_t d = 0; d < chunks; d++) {
+                    const float *restrict row = pool + (int64_t)idx[d * r + j] * h;
+                    /* the sub-rows ahead, in pages the hardware prefetcher starts cold on */
+                    for (int64_t c = 0; c < h; c += 16) __builtin_prefetch(row + 8 * h + c);
                     for (int64_t t = 0; t < n; t++) {
                         const float w = in[t * v_width + k * r + j];
                         float *restrict out = y + (start + t) * y_stride + col + d * h;
@@ -74,6 +123,7 @@ void lora_expand(const float *restrict pool, int64_t h, float *restrict y, int64
                     }
                 }
             }
+            idx += chunks * r;
         }
     }
 }

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from lorapool.server.model import native
 from lorapool.server.model.attention import AttentionMeta, PagedAttention
 from lorapool.server.model.checkpoint import load_spec, load_tensors
 from lorapool.server.model.linear import Linear, onednn_wanted
@@ -75,6 +76,8 @@ class Model:
                 )
             )
         self.cos, self.sin = _rope_tables(spec, self.device, dtype)
+        # the C kernels of a layer's small ops (norms, rope, silu) on a CPU in float32
+        self.kernels = native.load() if native.wanted(self.embed) else None
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
 
@@ -105,39 +108,76 @@ class Model:
         the slots meta names."""
         spec = self.spec
         t = input_ids.numel()
-        x = self.embed.index_select(0, input_ids)
-        cos = self.cos.index_select(0, positions).unsqueeze(1)
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
+        x = self.embed.index_select(0, input_ids)  # this step's own tensor: added to in place
+        rope = self._rope_for(positions)
         qs, ks = self.q_size, self.kv_size
-        nh = spec.num_heads
-        inter = spec.intermediate_size
+        hd = spec.head_dim
+        residual = None  # the last layer's output, added to x by the next norm
         for i, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.input_norm, spec.rms_norm_eps)
+            h = self._add_norm(x, residual, layer.input_norm)
             qkv = layer.qkv(h)
             if lora is not None:
                 lora.apply(i, "qkv", h, qkv)
-            # q and k heads side by side: one rotation for both
-            qk = _rope(qkv[:, : qs + ks].view(t, -1, spec.head_dim), cos, sin)
-            q, k = qk[:, :nh], qk[:, nh:]
-            v = qkv[:, qs + ks :].view(t, spec.num_kv_heads, spec.head_dim)
+            q, k = rope(qkv)
+            v = qkv[:, qs + ks :].view(t, spec.num_kv_heads, hd)
             attention.write(i, k, v, meta)
             attn = attention(i, q, k, v, meta).reshape(t, qs)
             o = layer.o(attn)
             if lora is not None:
                 lora.apply(i, "o", attn, o)
-            x.add_(o)  # x is this step's own tensor (index_select made it)
-            h = _rms_norm(x, layer.post_norm, spec.rms_norm_eps)
+            h = self._add_norm(x, o, layer.post_norm)
             gu = layer.gate_up(h)
             if lora is not None:
                 lora.apply(i, "gate_up", h, gu)
-            act = F.silu(gu[:, :inter]).mul_(gu[:, inter:])
-            d = layer.down(act)
+            act = self._silu_mul(gu)
+            residual = layer.down(act)
             if lora is not None:
-                lora.apply(i, "down", act, d)
-            x.add_(d)
-        x = x.index_select(0, logits_index)
-        x = _rms_norm(x, self.norm, spec.rms_norm_eps)
+                lora.apply(i, "down", act, residual)
+        x.add_(residual)
+        x = self._add_norm(x.index_select(0, logits_index), None, self.norm)
         return self.lm_head(x).float()
+
+    def _add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight) -> torch.Tensor:
+        """x += residual (in place), then rms_norm(x) * weight as a new tensor."""
+        eps = self.spec.rms_norm_eps
+        if self.kernels is not None and (residual is None or residual.stride(-1) == 1):
+            return self.kernels.add_rms_norm(x, residual, weight, eps)
+        if residual is not None:
+            x.add_(residual)
+        return _rms_norm(x, weight, eps)
+
+    def _silu_mul(self, gu: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of gu = [gate | up]."""
+        if self.kernels is not None:
+            return self.kernels.silu_mul(gu)
+        inter = gu.shape[1] // 2
+        return F.silu(gu[:, :inter]).mul_(gu[:, inter:])
+
+    def _rope_for(self, positions: torch.Tensor):
+        """The step's rotation: rope(qkv) -> (q, k), [tokens, heads, head_dim] each,
+        q and k heads side by side in qkv rotated as one; in place in qkv by the C
+        kernel, else as a new tensor."""
+        nh, hd, heads = self.spec.num_heads, self.spec.head_dim, self.spec.num_heads
+        heads += self.spec.num_kv_heads
+        if self.kernels is not None:
+            positions = positions.to(torch.long).contiguous()
+            if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+                raise IndexError(f"a position beyond the model's {self.cos.shape[0]}")
+
+            def rotate_in_place(qkv: torch.Tensor):
+                self.kernels.rope(qkv, heads, hd, self.cos, self.sin, positions)
+                qk = qkv[:, : heads * hd].view(qkv.shape[0], heads, hd)
+                return qk[:, :nh], qk[:, nh:]
+
+            return rotate_in_place
+        cos = self.cos.index_select(0, positions).unsqueeze(1)
+        sin = self.sin.index_select(0, positions).unsqueeze(1)
+
+        def rotate(qkv: torch.Tensor):
+            qk = _rope(qkv[:, : heads * hd].view(qkv.shape[0], heads, hd), cos, sin)
+            return qk[:, :nh], qk[:, nh:]
+
+        return rotate
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The C kernels of a CPU, compiled on first use with the machine's C compiler and
 called through ctypes: lora_kernels.c for the LoRA of short runs (decode rows),
-which reads each adapter row once per run instead of once per token (lora.py), and
+which reads each adapter row once per run instead of once per token (lora.py),
 attention_kernels.c for decode attention, which reads each KV block once for all
-the query heads that share it (attention.py).
+the query heads that share it (attention.py), and layer_kernels.c for a layer's
+small ops (norms, rope, silu), one pass each (model.py).
 
 The library is built once per source, compiler and CPU into a cache folder
 (LORAPOOL_CACHE_DIR, else ~/.cache/lorapool), written under a temporary name and
@@ -28,7 +29,11 @@ import torch
 
 log = logging.getLogger("lorapool.model")
 
-SOURCES = [Path(__file__).with_name(n) for n in ("lora_kernels.c", "attention_kernels.c")]
+SOURCES = [
+    Path(__file__).with_name(n)
+    for n in ("lora_kernels.c", "attention_kernels.c", "layer_kernels.c")
+]
+HEADERS = [Path(__file__).with_name("simd.h")]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 # Fields per run, as lora_kernels.c's enums number them.
@@ -57,6 +62,15 @@ class NativeKernels:
         self._kv_write = lib.kv_write
         self._kv_write.argtypes = [p, i64, i64, p, i64, p, i64, p, p, i64, i64, i64, i64]
         self._kv_write.restype = None
+        self._add_rms_norm = lib.add_rms_norm
+        self._add_rms_norm.argtypes = [p, i64, p, i64, p, p, i64, i64, ctypes.c_float]
+        self._add_rms_norm.restype = None
+        self._rope = lib.rope
+        self._rope.argtypes = [p, i64, i64, i64, i64, p, p, p]
+        self._rope.restype = None
+        self._silu_mul = lib.silu_mul
+        self._silu_mul.argtypes = [p, i64, p, i64, i64]
+        self._silu_mul.restype = None
 
     def shrink(self, pool, x, fan_in, runs, layer, v) -> None:
         self._shrink(
@@ -93,12 +107,39 @@ class NativeKernels:
             v.stride(0), pages.data_ptr(), offsets.data_ptr(), tokens, kv_heads, head_dim, block,
         )  # fmt: skip
 
+    def add_rms_norm(self, x, residual, weight, eps) -> torch.Tensor:
+        """x += residual (unless None), in place; returns rms_norm(x) * weight, new.
+        x and residual: [rows, dim], rows may be strided."""
+        rows, dim = x.shape
+        out = torch.empty(rows, dim, dtype=x.dtype)
+        self._add_rms_norm(
+            x.data_ptr(), x.stride(0), residual.data_ptr() if residual is not None else None,
+            residual.stride(0) if residual is not None else 0, weight.data_ptr(),
+            out.data_ptr(), rows, dim, eps,
+        )  # fmt: skip
+        return out
 
-def wanted(pool_tensor: torch.Tensor) -> bool:
-    """The kernels read float32 pools on the CPU."""
+    def rope(self, x, heads, head_dim, cos, sin, positions) -> None:
+        """Rotates the first `heads` heads of each row of x ([rows, width], rows may
+        be strided) in place; cos/sin: [positions, head_dim]; positions: int64."""
+        self._rope(
+            x.data_ptr(), x.stride(0), x.shape[0], heads, head_dim, cos.data_ptr(),
+            sin.data_ptr(), positions.data_ptr(),
+        )  # fmt: skip
+
+    def silu_mul(self, gu) -> torch.Tensor:
+        """silu(gate) * up of gu = [gate | up] ([rows, 2 * inter]), new."""
+        rows, inter = gu.shape[0], gu.shape[1] // 2
+        out = torch.empty(rows, inter, dtype=gu.dtype)
+        self._silu_mul(gu.data_ptr(), gu.stride(0), out.data_ptr(), rows, inter)
+        return out
+
+
+def wanted(tensor: torch.Tensor) -> bool:
+    """The kernels read float32 tensors (pools, activations) on the CPU."""
     return (
-        pool_tensor.device.type == "cpu"
-        and pool_tensor.dtype == torch.float32
+        tensor.device.type == "cpu"
+        and tensor.dtype == torch.float32
         and os.environ.get("LORAPOOL_NATIVE", "1") != "0"
     )
 
@@ -129,7 +170,7 @@ def _build_and_load() -> NativeKernels | None:
 def _library_path(compiler: str) -> Path:
     """Keyed on everything the binary depends on: source, flags, compiler, CPU."""
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         key.update(source.read_bytes())
     key.update(" ".join(FLAGS).encode())
     version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
