@@ -209,9 +209,10 @@ def _checked_pair(
             f"{tuple(b.shape)} do not fit the base model, which needs "
             f"({rank}, {fan_in}) / ({fan_out}, {rank}) for rank {rank}"
         )
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise AdapterIncompatible(f"{path}: layer {layer} {module} holds NaN or inf")
-    if not torch.isfinite(b.float() * scale).all():
+    # B scaled is finite only where B is (the scale is finite): one pass over B
+    if not (torch.isfinite(a).all() and torch.isfinite(b.float() * scale).all()):
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterIncompatible(f"{path}: layer {layer} {module} holds NaN or inf")
         raise AdapterIncompatible(
             f"{path}: layer {layer} {module}: lora_B times the scale {scale:g} overflows"
         )
