@@ -11,16 +11,50 @@ memory/residency.py's business; memory/adapters.py joins the two tiers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import os
+import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import torch
+
 from lorapool.errors import AdapterNotFound, AdapterTooLarge, LoraPoolError
 from lorapool.memory.adapter_layout import PackedAdapter
 from lorapool.memory.pool import PagePool
 from lorapool.memory.sources import SourceRegistry
+
+LOAD_NICE = 10  # load threads run this much nicer: they yield the cores to the step's
+
+
+def one_thread_per_load() -> None:
+    """A load thread runs its torch ops (checks, packing) on itself alone: with an
+    OpenMP team of its own, each load would compete with the step's team for the
+    cores and both would wait at their barriers for threads the other displaced
+    (measured: steps twice as long while 1000 adapters churn on 2 cores). OpenMP
+    team sizes are per thread; torch sets this thread's on its first parallel op,
+    so that op runs first and the size is then lowered to 1 in the runtime torch
+    loaded (where there is none, torch runs single-threaded anyway). On Linux the
+    thread also runs nicer, so a load takes the cores the step leaves idle instead
+    of displacing its threads (1000-adapter trace: 0.47 -> about 1.0 of the
+    100-adapter throughput on 2 cores)."""
+    if sys.platform == "linux":  # threads have their own nice value there
+        with contextlib.suppress(OSError):
+            tid = threading.get_native_id()
+            nice = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + LOAD_NICE))
+    torch.ones(2).sum()
+    for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"):
+        try:
+            runtime = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except (OSError, AttributeError):
+            continue
+        runtime.omp_set_num_threads(1)
 
 
 @dataclass
@@ -67,7 +101,9 @@ class AdapterCache:
         self.host: OrderedDict[str, HostCopy] = OrderedDict()  # content hash -> copy, LRU first
         self.loads = 0
         self.on_load = None  # optional callback(seconds) per completed load, for metrics
-        self._executor = ThreadPoolExecutor(load_threads, thread_name_prefix="adapter-load")
+        self._executor = ThreadPoolExecutor(
+            load_threads, thread_name_prefix="adapter-load", initializer=one_thread_per_load
+        )
 
     # -- entries ----------------------------------------------------------------------
     def entry(self, adapter_id: str, uri: str | None = None) -> AdapterEntry:

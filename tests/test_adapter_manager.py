@@ -48,3 +48,35 @@ def test_adapter_roots_never_resolve_paths_outside_them(tiny_demo):
     assert registry.uri_for(name) == str(tiny_demo.adapter_dirs[0])
     for sneaky in (f"../{tiny_demo.adapters_dir.name}/{name}", f"./{name}", "..", f"{name}/"):
         assert registry.uri_for(sneaky) is None, sneaky
+
+
+async def test_load_threads_run_torch_on_one_thread_at_low_priority(spec, pool, tiny_demo):
+    """Loads run beside the step on the same cores: a load thread must not start an
+    OpenMP team of its own (the two teams would wait on each other's displaced
+    threads), must leave the other threads' team sizes as they were, and yields
+    the cores to the step's threads."""
+    import os
+    import sys
+    import threading
+
+    from lorapool.memory.adapter_cache import LOAD_NICE
+
+    manager = AdapterManager(SourceRegistry(), pool, spec, host_cache_bytes=1 << 30)
+    try:
+        seen = {}
+
+        def probe():
+            seen["threads"] = torch.get_num_threads()
+            if sys.platform == "linux":
+                seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        manager.cache._executor.submit(probe).result()
+        assert seen["threads"] == 1
+        if sys.platform == "linux":
+            assert seen["nice"] >= min(19, os.getpriority(os.PRIO_PROCESS, 0) + LOAD_NICE)
+        before = torch.get_num_threads()
+        e = manager.entry("a", str(tiny_demo.adapter_dirs[1]))
+        await manager.cache.ensure_host(e)  # a load ran on such a thread
+        assert torch.get_num_threads() == before
+    finally:
+        manager.shutdown()
