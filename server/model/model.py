@@ -157,8 +157,8 @@ class Model:
         """The step's rotation: rope(qkv) -> (q, k), [tokens, heads, head_dim] each,
         q and k heads side by side in qkv rotated as one; in place in qkv by the C
         kernel, else as a new tensor."""
-        nh, hd, heads = self.spec.num_heads, self.spec.head_dim, self.spec.num_heads
-        heads += self.spec.num_kv_heads
+        nh, hd = self.spec.num_heads, self.spec.head_dim
+        heads = nh + self.spec.num_kv_heads
         if self.kernels is not None:
             positions = positions.to(torch.long).contiguous()
             if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
